@@ -1,0 +1,134 @@
+"""The config system: ml_collections ConfigDicts built by `configs/*.py`.
+
+Every config file defines `get_config(arg)` and starts from `base_config()`.
+`parse_arg` reads big_vision-style `:key=value,...` arguments.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+from attnlab.models.attention import registry
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+  """'attention=linear,steps=100' -> ConfigDict, typed by `defaults`.
+
+  Unknown keys are an error, so `:atention=...` fails loudly.
+  """
+  result = ConfigDict(dict(defaults))
+  if not arg:
+    return result
+  for item in arg.split(","):
+    if not item:
+      continue
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(
+          f"unknown config argument {key!r}; this config accepts {sorted(defaults)}"
+      )
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key} expects a bool, got {value!r}")
+      result[key] = value.lower() in ("true", "1")
+    elif isinstance(default, (int, float)):
+      result[key] = type(default)(ast.literal_eval(value))
+    else:
+      result[key] = value
+  return result
+
+
+def base_config() -> ConfigDict:
+  """Every knob of a run, with defaults for a small CPU model."""
+  c = ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 50
+  c.eval_every = 200
+  c.eval_batches = 4
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.progress = True  # live progress line on stderr
+
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = DEFAULT_RULES
+
+  m = c.model = ConfigDict()
+  m.vocab_size = 256
+  m.d_model = 128
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = placeholder(int)  # None: same as num_heads
+  m.head_dim = placeholder(int)  # None: d_model // num_heads
+  m.mlp_dim = 512
+  m.attention = "softmax"
+  m.layer_pattern = ""  # comma-separated names tiled over layers; '' = attention
+  m.rope = placeholder(bool)  # None: the variant's default
+  m.rope_theta = 10_000.0
+  m.qk_norm = False
+  m.tie_embeddings = True
+  m.norm_eps = 1e-6
+  m.dtype = "float32"  # compute dtype; parameters are always float32
+  m.remat = False
+  m.max_len = 256  # default decoding cache length
+  m.mixer = registry.default_options()
+
+  d = c.data = ConfigDict()
+  d.task = "mqar"  # mqar | needle | tfds
+  d.seq_len = 64
+  d.batch_size = 32  # global batch
+  d.eval_batch_size = 64
+  d.vocab_size = 256
+  # Synthetic tasks.
+  d.num_kv_pairs = 8
+  d.num_queries = placeholder(int)  # None: every key is queried
+  # TFDS text.
+  d.tfds_name = ""
+  d.data_dir = placeholder(str)
+  d.train_split = "train"
+  d.eval_split = "validation"
+  d.text_key = "text"
+  d.tokenizer = "byte"  # byte | path to a SentencePiece model
+  d.prepare_from = placeholder(str)  # directory of .txt files to build from
+  d.shuffle_buffer_docs = True
+
+  o = c.optim = ConfigDict()
+  o.lr = 3e-3
+  o.warmup_steps = 100
+  o.min_lr_ratio = 0.1
+  o.weight_decay = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.clip_norm = 1.0
+  o.grad_accum_steps = 1
+  return c
+
+
+def finalize(config: ConfigDict) -> ConfigDict:
+  """Ties values that must agree (model vocab = data vocab) and locks."""
+  config.model.vocab_size = config.data.vocab_size
+  config.lock()
+  return config
+
+
+def as_config_dict(d: dict) -> ConfigDict:
+  return ml_collections.ConfigDict(d)

@@ -1,0 +1,98 @@
+"""Language-modelling data from any prepared TFDS dataset (ArrayRecord).
+
+Reads with `tfds.data_source` (random access, no TensorFlow), tokenizes each
+document, appends EOS, and packs documents into fixed windows with grain's
+concat-then-split. Each process reads its own slice of the split.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from ml_collections import ConfigDict
+
+from attnlab.data import text_corpus, tokenizers
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A TFDS dataset named in the config is missing from its data_dir."""
+
+
+def _data_dir(data: ConfigDict) -> str:
+  return os.path.expanduser(data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def open_source(data: ConfigDict, split: str):
+  """tfds.data_source for `split`; builds `text_corpus` from prepare_from if asked."""
+  data_dir = _data_dir(data)
+  if data.tfds_name == "text_corpus" and data.prepare_from:
+    if not tfds.builder("text_corpus", data_dir=data_dir).is_prepared():
+      if not os.path.isdir(data.prepare_from):
+        raise DatasetNotPreparedError(
+            f"data.prepare_from={data.prepare_from!r} is not a directory of .txt files"
+        )
+      text_corpus.prepare(data.prepare_from, data_dir)
+  message = (
+      f"TFDS dataset {data.tfds_name!r} is not prepared as ArrayRecord in "
+      f"data_dir={data_dir!r}. Prepare it first, e.g.\n"
+      f"  tfds build {data.tfds_name} --data_dir={data_dir} --file_format=array_record\n"
+      "or, for a directory of .txt files,\n"
+      f"  python -m attnlab.data.prepare --source_dir=DIR --data_dir={data_dir}"
+  )
+  try:
+    builder = tfds.builder(data.tfds_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetNotPreparedError(message) from e
+  if not builder.is_prepared():
+    raise DatasetNotPreparedError(message)
+  try:
+    return builder.as_data_source(split=split)
+  except NotImplementedError as e:  # prepared, but as TFRecord
+    raise DatasetNotPreparedError(f"{message}\n({e})") from e
+
+
+def lm_dataset(
+    data: ConfigDict,
+    *,
+    split: str,
+    seed: int,
+    train: bool,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> grain.IterDataset:
+  """Batches of packed {inputs, targets, weights} windows of length seq_len."""
+  tokenizer = tokenizers.get_tokenizer(data.tokenizer)
+  if tokenizer.vocab_size > data.vocab_size:
+    raise ValueError(
+        f"tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size is "
+        f"{data.vocab_size}"
+    )
+  source = open_source(data, tfds.even_splits(split, process_count)[process_index])
+  ds = grain.MapDataset.source(source)
+  if train:
+    ds = ds.seed(seed).shuffle().repeat()
+  text_key = data.text_key
+
+  def tokenize(example):
+    ids = tokenizer.encode(example[text_key])
+    return {"tokens": np.append(ids, tokenizer.eos_id).astype(np.int32)}
+
+  ds = ds.map(tokenize).to_iter_dataset()
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={"tokens": data.seq_len + 1}
+  )
+
+  def to_example(packed):
+    tokens = packed["tokens"]
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        # Padding after the last document of a finite split has segment id 0.
+        "weights": (packed["tokens_segment_ids"][1:] > 0).astype(np.float32),
+    }
+
+  return ds.map(to_example).batch(batch_size, drop_remainder=True)

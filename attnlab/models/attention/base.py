@@ -1,0 +1,81 @@
+"""The interface every attention mixer implements.
+
+A mixer maps [batch, time, d_model] -> [batch, time, d_model] and offers:
+  * `__call__(x)`: the parallel (training) form over a whole sequence;
+  * `init_cache(batch, max_len, dtype)`: an empty decoding cache/state;
+  * `step(x, cache, start)`: consume `time` new tokens at absolute positions
+    `start .. start+time-1` given the cache, returning outputs and the new
+    cache. A prompt is prefilled with one `step`; decoding is `step` with
+    time == 1. Caches are plain pytrees passed in and out explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from attnlab.models import layers
+
+Cache = Any
+
+
+class Mixer(nnx.Module):
+  """Base class: holds the trunk's head geometry; subclasses add projections."""
+
+  def __init__(self, model: ConfigDict, options: ConfigDict, *, rngs: nnx.Rngs):
+    self.d_model = model.d_model
+    self.num_heads = model.num_heads
+    self.num_kv_heads = model.num_kv_heads or model.num_heads
+    self.head_dim = model.head_dim or model.d_model // model.num_heads
+    self.dtype = jnp.dtype(model.dtype)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of "
+          f"num_kv_heads={self.num_kv_heads}"
+      )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> Cache:
+    raise NotImplementedError
+
+  def step(self, x: jax.Array, cache: Cache, start: jax.Array) -> tuple[jax.Array, Cache]:
+    raise NotImplementedError
+
+
+class QKVProjection(nnx.Module):
+  """q/k/v projections with optional per-head qk RMSNorm and RoPE.
+
+  Shared by the mixers whose inputs are plain projected heads.
+  """
+
+  def __init__(self, mixer: Mixer, model: ConfigDict, *, use_rope: bool, rngs: nnx.Rngs):
+    d, h, hkv, hd = mixer.d_model, mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    dt = mixer.dtype
+    self.q = layers.dense(d, h * hd, ("embed", "heads"), dtype=dt, rngs=rngs)
+    self.k = layers.dense(d, hkv * hd, ("embed", "kv_heads"), dtype=dt, rngs=rngs)
+    self.v = layers.dense(d, hkv * hd, ("embed", "kv_heads"), dtype=dt, rngs=rngs)
+    self.q_norm = layers.RMSNorm(hd, eps=model.norm_eps) if model.qk_norm else None
+    self.k_norm = layers.RMSNorm(hd, eps=model.norm_eps) if model.qk_norm else None
+    self.use_rope = use_rope
+    self.rope_theta = model.rope_theta
+    self.shape = (h, hkv, hd)
+
+  def __call__(self, x: jax.Array, positions: jax.Array):
+    """x [B, T, d_model], positions [T] -> q [B,T,H,hd], k, v [B,T,Hkv,hd]."""
+    b, t, _ = x.shape
+    h, hkv, hd = self.shape
+    q = self.q(x).reshape(b, t, h, hd)
+    k = self.k(x).reshape(b, t, hkv, hd)
+    v = self.v(x).reshape(b, t, hkv, hd)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rope:
+      q = layers.apply_rope(q, positions, self.rope_theta)
+      k = layers.apply_rope(k, positions, self.rope_theta)
+    return q, k, v

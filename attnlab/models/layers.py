@@ -1,0 +1,83 @@
+"""Small building blocks of the trunk: dense, RMSNorm, RoPE, SwiGLU.
+
+Parameters carry logical axis names ('embed', 'heads', 'mlp', 'vocab', ...);
+`attnlab.sharding` maps them to mesh axes with the config's rules.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: Axes,
+    *,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+    use_bias: bool = False,
+    init_scale: float = 1.0,
+) -> nnx.Linear:
+  """A bias-free projection whose kernel [in, out] is named by `axes`."""
+  init = nnx.initializers.variance_scaling(init_scale, "fan_in", "normal")
+  return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      kernel_init=nnx.with_partitioning(init, axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[-1:]),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+  )
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis: x / rms(x) * scale. Statistics in float32."""
+
+  def __init__(self, features: int, *, eps: float = 1e-6, axis_name: str | None = "norm"):
+    self.scale = nnx.Param(jnp.ones((features,), jnp.float32), out_sharding=(axis_name,))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., features] -> [..., features] in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.scale[...]).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotating half-split pairs (Llama/NeoX layout).
+
+  Args:
+    x: [batch, time, heads, head_dim] with even head_dim.
+    positions: [time] or [batch, time] absolute integer positions.
+  """
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {d}")
+  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
+  angles = positions.astype(jnp.float32)[..., None] * freqs      # [(B,) T, D/2]
+  if angles.ndim == 2:
+    angles = angles[None]
+  sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)): [B, T, d_model] -> [B, T, d_model]."""
+
+  def __init__(self, d_model: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.gate = dense(d_model, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.up = dense(d_model, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.down = dense(hidden, d_model, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

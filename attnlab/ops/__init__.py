@@ -1,0 +1,13 @@
+"""Parameter-free attention ops. Imports nothing beyond jax and numpy.
+
+Every op takes `[batch, time, heads, head_dim]` arrays, is causal, accepts any
+T >= 1, accumulates in at least float32 (float64 for float64 inputs under
+jax_enable_x64) and returns q's dtype. `implementation=None` picks the best
+path for the backend; 'xla' is the pure-jnp path and 'reference' the slow
+oracle used in tests.
+"""
+
+from attnlab.ops.linear.api import linear_attention
+from attnlab.ops.softmax.api import softmax_attention, softmax_attention_cached
+
+__all__ = ["linear_attention", "softmax_attention", "softmax_attention_cached"]

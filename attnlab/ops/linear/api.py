@@ -1,0 +1,66 @@
+"""Public causal linear attention op with backend dispatch."""
+
+from __future__ import annotations
+
+import jax
+
+from attnlab.ops import _dtypes
+from attnlab.ops.linear import reference, xla
+
+_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+
+# With normalize=True the state is a pair (kv [B,H,D,Dv], k_sum [B,H,D]).
+LinearState = jax.Array | tuple[jax.Array, jax.Array]
+
+
+def linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    normalize: bool = False,
+    scale: float | None = None,
+    initial_state: LinearState | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    implementation: str | None = None,
+) -> tuple[jax.Array, LinearState | None]:
+  """Causal linear attention, o_t = scale · Σ_{s≤t} (q_t·k_s) v_s.
+
+  Feature maps are the caller's job; this op sees already-mapped q and k.
+
+  Args:
+    q, k: [batch, time, heads, head_dim]
+    v: [batch, time, heads, head_dim_v]
+    normalize: divide by Σ_{s≤t} q_t·k_s instead of multiplying by `scale`.
+    scale: default head_dim**-0.5 (unused when normalize).
+    initial_state: kv [batch, heads, head_dim, head_dim_v]; with normalize the
+      pair (kv, k_sum [batch, heads, head_dim]).
+    output_final_state: also return the state after the last step.
+    chunk_size: chunk length of the parallel form; any T works.
+    implementation: None (best for backend), 'xla' or 'reference'.
+
+  Returns:
+    (o [batch, time, heads, head_dim_v] in q.dtype, final state or None).
+  """
+  if q.ndim != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+    raise ValueError(
+        "linear_attention expects q, k [batch, time, heads, head_dim] of equal "
+        f"shape and v [batch, time, heads, head_dim_v]; got q{q.shape} "
+        f"k{k.shape} v{v.shape}"
+    )
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+  impl = _dtypes.resolve_implementation(
+      implementation, tuple(_IMPLEMENTATIONS), "linear_attention"
+  )
+  return _IMPLEMENTATIONS[impl].linear_attention(
+      q,
+      k,
+      v,
+      normalize=normalize,
+      scale=scale,
+      initial_state=initial_state,
+      output_final_state=output_final_state,
+      chunk_size=chunk_size,
+  )

@@ -1,0 +1,240 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+One linear function in the big_vision style, importable from notebooks and
+tests; `python -m attnlab.train` is its command line.
+
+  1. mesh and sharding rules        5. restore from <workdir> or initialise
+  2. data iterators (grain)         6. jitted, donated train / eval steps
+  3. abstract model + optimizer     7. loop: step, NaN guard, log, eval, save
+  4. shardings from logical names   8. final checkpoint, close
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from ml_collections import ConfigDict
+
+from attnlab import checkpoint, data, metrics, optim, sharding
+from attnlab.models import build_model
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf."""
+
+
+def weighted_sums(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
+  """Sums of weighted cross-entropy, correct predictions and weights."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  w = batch["weights"]
+  correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+  return {"ce": jnp.sum(ce * w), "correct": jnp.sum(correct * w), "weight": jnp.sum(w)}
+
+
+def _microbatches(batch: dict, count: int) -> dict:
+  """[B, ...] -> [count, B/count, ...] for gradient accumulation."""
+  def split(x):
+    if x.shape[0] % count:
+      raise ValueError(f"batch {x.shape[0]} does not split into {count} microbatches")
+    return x.reshape(count, x.shape[0] // count, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+class _StopFlag:
+  """Set by SIGTERM (a preempted VM); the loop then checkpoints and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(pending: list[tuple[int, jax.Array]]) -> None:
+  """Raises naming the first step whose loss was NaN/Inf; clears `pending`."""
+  if not pending:
+    return
+  values = jax.device_get([loss for _, loss in pending])
+  for (step, _), value in zip(pending, values):
+    if not np.isfinite(value):
+      pending.clear()
+      raise NonFiniteLossError(
+          f"training loss is {float(value)} at step {step}; stopping. "
+          "Lower optim.lr, check the data, or try model.dtype='float32'."
+      )
+  pending.clear()
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the last logged train and eval metrics.
+  """
+  workdir = os.path.abspath(workdir)
+  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+
+  # 1. Mesh.
+  mesh = sharding.make_mesh(dict(config.mesh))
+  process_index, process_count = jax.process_index(), jax.process_count()
+
+  # 2. Data: this process's share; the train iterator is checkpointed.
+  train_iter = iter(data.make_dataset(
+      config.data, seed=config.seed, train=True,
+      process_index=process_index, process_count=process_count))
+
+  def eval_batches():
+    ds = data.make_dataset(config.data, seed=config.seed, train=False,
+                           process_index=process_index, process_count=process_count)
+    for i, batch in enumerate(ds):
+      if i >= config.eval_batches:
+        break
+      yield batch
+
+  # 3-4. Abstract model and optimizer, and their shardings.
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0))))
+
+  def init(rng):
+    params = nnx.state(build_model(config.model, nnx.Rngs(rng)))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  rng = jax.random.key(config.seed)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract_state = jax.eval_shape(init, rng)
+    state_sharding = sharding.tree_shardings(abstract_state, mesh, rules)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+
+  # 5. Restore from this workdir, or initialise directly sharded.
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  writer = metrics.MetricWriter(workdir, total_steps=config.total_steps, progress=config.progress)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(
+        latest, checkpoint.abstract_with_sharding(abstract_state, state_sharding), train_iter)
+    writer.message(f"resumed from {ckpt.directory} at step {latest}")
+  else:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      state = jax.jit(init, out_shardings=state_sharding)(rng)
+    if process_index == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+  writer.message(f"{num_params:,} parameters; mesh {dict(mesh.shape)}; workdir {workdir}")
+
+  # 6. Steps.
+  accum = config.optim.grad_accum_steps
+
+  def loss_sums(params, batch):
+    model = nnx.merge(graphdef, params)
+    sums = weighted_sums(model(batch["inputs"]), batch)
+    return sums["ce"], sums
+
+  def train_step(state, batch):
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def accumulate(carry, microbatch):
+      grads, totals = carry
+      (_, sums), g = grad_fn(state["params"], microbatch)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    totals0 = {k: jnp.zeros((), jnp.float32) for k in ("ce", "correct", "weight")}
+    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals0), _microbatches(batch, accum))
+    weight = jnp.maximum(totals["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+    }
+    step_metrics = {
+        "train/loss": totals["ce"] / weight,
+        "train/accuracy": totals["correct"] / weight,
+        "train/grad_norm": optax.global_norm(grads),
+        "train/lr": optim.learning_rate_schedule(config.optim, config.total_steps)(state["step"]),
+    }
+    return new_state, step_metrics
+
+  def eval_step(params, batch):
+    return loss_sums(params, batch)[1]
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
+    eval_step = jax.jit(eval_step)
+
+  def to_global(local):
+    return sharding.global_batch(local, mesh, rules)
+
+  def evaluate(params) -> dict[str, float]:
+    totals = {"ce": 0.0, "correct": 0.0, "weight": 0.0}
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      for local in eval_batches():
+        sums = jax.device_get(eval_step(params, to_global(local)))
+        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    weight = max(totals["weight"], 1.0)
+    return {"eval/loss": totals["ce"] / weight, "eval/accuracy": totals["correct"] / weight}
+
+  # 7. Loop.
+  first_step = int(jax.device_get(state["step"]))
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  pending: list[tuple[int, jax.Array]] = []
+  last = {}
+  window_start, window_steps = time.time(), 0
+  step = first_step
+  with _StopFlag() as stop:
+    for step in range(first_step + 1, config.total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step), \
+           jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        state, step_metrics = train_step(state, to_global(next(train_iter)))
+      pending.append((step, step_metrics["train/loss"]))
+      window_steps += 1
+      is_last = step == config.total_steps
+      if step % config.log_every == 0 or is_last:
+        _check_finite(pending)
+        last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        elapsed = time.time() - window_start
+        last["train/tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
+        window_start, window_steps = time.time(), 0
+        if config.eval_every and (step % config.eval_every == 0 or is_last):
+          last.update(evaluate(state["params"]))
+          window_start = time.time()  # eval time is not training throughput
+        writer.write(step, last)
+        writer.show_progress(step, last)
+      if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last:
+        _check_finite(pending)
+        ckpt.save(step, state, train_iter)
+      if stop.requested or (jax.process_count() > 1 and
+                            jax.experimental.multihost_utils.reached_preemption_sync_point(step)):
+        _check_finite(pending)
+        ckpt.save(step, state, train_iter)
+        writer.message(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
+        break
+
+  # 8. Finish.
+  ckpt.close()
+  writer.close()
+  logging.info("finished at step %d: %s", step, json.dumps(last))
+  return last
