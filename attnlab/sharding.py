@@ -9,7 +9,8 @@ device, on 8 simulated devices and on a pod.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

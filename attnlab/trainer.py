@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +25,7 @@ from absl import logging
 from flax import nnx
 from ml_collections import ConfigDict
 
-from attnlab import checkpoint, data, metrics, optim, sharding
-from attnlab.models import build_model
+from attnlab import checkpoint, data, metrics, optim, sharding, train_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,12 +111,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
       yield batch
 
   # 3-4. Abstract model and optimizer, and their shardings.
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0))))
-
-  def init(rng):
-    params = nnx.state(build_model(config.model, nnx.Rngs(rng)))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  graphdef, init, tx = train_state.initializer(config)
 
   rng = jax.random.key(config.seed)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

@@ -79,11 +79,9 @@ class Transformer(nnx.Module):
         [Block(model, name, rngs=rngs) for name in layer_mixers(model)]
     )
     self.final_norm = layers.RMSNorm(model.d_model, eps=model.norm_eps)
-    self.lm_head = None
-    if not model.tie_embeddings:
-      self.lm_head = layers.dense(
-          model.d_model, model.vocab_size, ("embed", "vocab"), dtype=self.dtype, rngs=rngs
-      )
+    self.lm_head = None if model.tie_embeddings else layers.dense(
+        model.d_model, model.vocab_size, ("embed", "vocab"), dtype=self.dtype, rngs=rngs
+    )
 
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)

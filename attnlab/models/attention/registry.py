@@ -8,7 +8,7 @@ its parameters are exempt from weight decay.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from flax import nnx
 from ml_collections import ConfigDict

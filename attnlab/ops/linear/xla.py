@@ -67,7 +67,10 @@ def linear_attention(
     denominator = scores.sum(axis=-1).transpose(0, 1, 3, 2) + jnp.einsum(
         "bnqhd,bnhd->bnqh", qc, z_before
     )
-    out = numerator / denominator[..., None]
+    # Padded rows have a zero denominator; keep them finite so their (unused)
+    # gradients do not turn into NaN.
+    valid = (jnp.arange(t + pad) < t).reshape(1, -1, chunk, 1)
+    out = numerator / jnp.where(valid, denominator, 1.0)[..., None]
   else:
     out = scale * numerator
   o = out.reshape(b, t + pad, h, dv)[:, :t].astype(q.dtype)
