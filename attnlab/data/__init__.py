@@ -22,7 +22,7 @@ def _synthetic(data: ConfigDict, *, seed: int, batch_size: int, process_index: i
       num_queries=data.num_queries,
   )
   ds = grain.MapDataset.range(2**62)[process_index::process_count]
-  return ds.map(generate).batch(batch_size, drop_remainder=True).to_iter_dataset()
+  return ds.batch(batch_size, drop_remainder=True).map(generate).to_iter_dataset()
 
 
 def make_dataset(

@@ -1,9 +1,10 @@
-"""Synthetic recall tasks, generated on the fly from (seed, index).
+"""Synthetic recall tasks, generated on the fly, a whole batch at a time.
 
-Every example is a dict of int32 `inputs` [T], `targets` [T] and float32
-`weights` [T]; the loss and accuracy are taken only where weights > 0 (the
-answer positions). Example i is a pure function of (seed, i), so pipelines are
-deterministic, resumable and shardable without any stored data.
+A batch is a dict of int32 `inputs` [B, T], `targets` [B, T] and float32
+`weights` [B, T]; loss and accuracy are taken only where weights > 0 (the
+answer positions). A batch is a pure function of (seed, example indices), so
+pipelines are deterministic, resumable and shardable without stored data, and
+generation is vectorised (per-example generation would bottleneck small models).
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ FILLER = 0
 NEEDLE_MARKER = 1
 
 
-def _example(sequence: np.ndarray, answer_positions: np.ndarray) -> dict[str, np.ndarray]:
-  """Next-token pairs from a length T+1 sequence; answers are target indices."""
-  weights = np.zeros(len(sequence) - 1, np.float32)
-  weights[answer_positions] = 1.0
+def _batch(sequences: np.ndarray, answer_mask: np.ndarray) -> dict[str, np.ndarray]:
+  """Next-token pairs from [B, T+1] sequences; `answer_mask` is [B, T]."""
   return {
-      "inputs": sequence[:-1].astype(np.int32),
-      "targets": sequence[1:].astype(np.int32),
-      "weights": weights,
+      "inputs": sequences[:, :-1].astype(np.int32),
+      "targets": sequences[:, 1:].astype(np.int32),
+      "weights": answer_mask.astype(np.float32),
   }
 
 
+def _top_k_without_replacement(rng, log_weights: np.ndarray, batch: int, k: int) -> np.ndarray:
+  """[batch, k] distinct indices drawn with probabilities ∝ exp(log_weights) (Gumbel top-k)."""
+  scores = log_weights[None] + rng.gumbel(size=(batch, len(log_weights)))
+  return np.argsort(-scores, axis=1)[:, :k]
+
+
 def mqar(
-    index: int,
+    indices: np.ndarray,
     *,
     seed: int,
     seq_len: int,
@@ -35,15 +40,17 @@ def mqar(
     num_queries: int | None = None,
     power_a: float = 0.01,
 ) -> dict[str, np.ndarray]:
-  """Multi-query associative recall (Arora et al., 2023, Zoology).
+  """A batch of multi-query associative recall (Arora et al., 2023, Zoology).
 
-  The sequence opens with key-value pairs k1 v1 … kN vN (keys from the lower
+  Each sequence opens with key-value pairs k1 v1 … kN vN (keys from the lower
   half of the vocabulary, values from the upper half). The rest is filler,
   with queried keys placed at even offsets drawn from a power law favouring
   short gaps, each followed by its value. The model must predict the value
-  after each queried key.
+  after each queried key. The batch is a pure function of (seed, indices).
   """
-  rng = np.random.default_rng([seed, index])
+  indices = np.asarray(indices)
+  rng = np.random.default_rng([seed, int(indices[0]), len(indices)])
+  batch = len(indices)
   num_queries = num_kv_pairs if num_queries is None else num_queries
   context = 2 * num_kv_pairs
   slots = (seq_len + 1 - context) // 2
@@ -53,40 +60,49 @@ def mqar(
         f"MQAR cannot fit {num_kv_pairs} pairs / {num_queries} queries into "
         f"seq_len={seq_len}, vocab_size={vocab_size}"
     )
-  keys = rng.choice(np.arange(1, half), size=num_kv_pairs, replace=False)
-  values = rng.integers(half, vocab_size, size=num_kv_pairs)
-  sequence = np.full(seq_len + 1, FILLER, np.int64)
-  sequence[0:context:2], sequence[1:context:2] = keys, values
+  rows = np.arange(batch)[:, None]
+  keys = 1 + _top_k_without_replacement(rng, np.zeros(half - 1), batch, num_kv_pairs)
+  values = rng.integers(half, vocab_size, size=(batch, num_kv_pairs))
+  sequences = np.full((batch, seq_len + 1), FILLER, np.int64)
+  sequences[:, 0:context:2], sequences[:, 1:context:2] = keys, values
 
-  gap_weights = power_a * np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1)
-  chosen_slots = rng.choice(slots, size=num_queries, replace=False, p=gap_weights / gap_weights.sum())
-  queried = rng.choice(num_kv_pairs, size=num_queries, replace=False)
+  gap_log_weights = (power_a - 1) * np.log(np.arange(1, slots + 1, dtype=np.float64))
+  chosen_slots = _top_k_without_replacement(rng, gap_log_weights, batch, num_queries)
+  queried = _top_k_without_replacement(rng, np.zeros(num_kv_pairs), batch, num_queries)
   key_positions = context + 2 * chosen_slots
-  sequence[key_positions] = keys[queried]
-  sequence[key_positions + 1] = values[queried]
-  return _example(sequence, key_positions)
+  sequences[rows, key_positions] = keys[rows, queried]
+  sequences[rows, key_positions + 1] = values[rows, queried]
+  answer_mask = np.zeros((batch, seq_len), bool)
+  answer_mask[rows, key_positions] = True
+  return _batch(sequences, answer_mask)
 
 
 def needle(
-    index: int, *, seed: int, seq_len: int, vocab_size: int, **unused
+    indices: np.ndarray, *, seed: int, seq_len: int, vocab_size: int, **unused
 ) -> dict[str, np.ndarray]:
-  """Needle in a haystack: retrieve the value stored after `MARK key`.
+  """A batch of needle-in-a-haystack retrieval.
 
-  Random haystack tokens; one needle `MARK key value` somewhere; the sequence
+  Random haystack tokens; one needle `MARK key value` somewhere; each sequence
   ends with the query `MARK key`, and the answer is its value.
   """
   del unused
-  rng = np.random.default_rng([seed, index])
+  indices = np.asarray(indices)
+  rng = np.random.default_rng([seed, int(indices[0]), len(indices)])
+  batch = len(indices)
   if seq_len < 8:
     raise ValueError(f"needle needs seq_len >= 8, got {seq_len}")
   half = vocab_size // 2
-  sequence = rng.integers(2, vocab_size, size=seq_len + 1)
-  key = rng.integers(2, half)
-  value = rng.integers(half, vocab_size)
-  position = rng.integers(0, seq_len - 4)
-  sequence[position : position + 3] = (NEEDLE_MARKER, key, value)
-  sequence[-3:] = (NEEDLE_MARKER, key, value)
-  return _example(sequence, np.array([seq_len - 1]))
+  rows = np.arange(batch)
+  sequences = rng.integers(2, vocab_size, size=(batch, seq_len + 1))
+  key = rng.integers(2, half, size=batch)
+  value = rng.integers(half, vocab_size, size=batch)
+  position = rng.integers(0, seq_len - 4, size=batch)
+  for offset, token in enumerate((np.full(batch, NEEDLE_MARKER), key, value)):
+    sequences[rows, position + offset] = token
+    sequences[rows, seq_len - 2 + offset] = token
+  answer_mask = np.zeros((batch, seq_len), bool)
+  answer_mask[:, -1] = True
+  return _batch(sequences, answer_mask)
 
 
 TASKS = {"mqar": mqar, "needle": needle}
