@@ -12,19 +12,18 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-
   def __init__(self, workdir: str, *, keep: int):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        item_names=("state", "data"),
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
-        },
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True
-        ),
+      self.directory,
+      item_names=("state", "data"),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+      },
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True
+      ),
     )
 
   def latest_step(self) -> int | None:
@@ -33,12 +32,12 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any) -> None:
     """Starts an async save; returns once the state is safely copied off-device."""
     self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-        ),
-        force=True,
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+      ),
+      force=True,
     )
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
@@ -62,5 +61,5 @@ class Checkpointer:
 
 def abstract_with_sharding(abstract_tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
   )

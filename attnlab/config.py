@@ -15,14 +15,14 @@ from ml_collections.config_dict import placeholder
 from attnlab.models.attention import registry
 
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("norm", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("norm", None),
 )
 
 
@@ -41,9 +41,7 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
       raise ValueError(f"config argument {item!r} must look like key=value")
     key, value = item.split("=", 1)
     if key not in defaults:
-      raise ValueError(
-          f"unknown config argument {key!r}; this config accepts {sorted(defaults)}"
-      )
+      raise ValueError(f"unknown config argument {key!r}; this config accepts {sorted(defaults)}")
     default = defaults[key]
     if isinstance(default, bool):
       if value.lower() not in ("true", "false", "1", "0"):

@@ -49,13 +49,13 @@ def _generate(graphdef, params, prompt, rng, *, max_new_tokens, temperature, top
 
 
 def generate(
-    model: Transformer,
-    prompt: jax.Array,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    rng: jax.Array | None = None,
+  model: Transformer,
+  prompt: jax.Array,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  rng: jax.Array | None = None,
 ) -> jax.Array:
   """Continues `prompt` [batch, prompt_len] by `max_new_tokens` tokens.
 
@@ -68,8 +68,15 @@ def generate(
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   graphdef, params = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(graphdef, params, jnp.asarray(prompt, jnp.int32), rng,
-                   max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k)
+  return _generate(
+    graphdef,
+    params,
+    jnp.asarray(prompt, jnp.int32),
+    rng,
+    max_new_tokens=max_new_tokens,
+    temperature=float(temperature),
+    top_k=top_k,
+  )
 
 
 def load_config(workdir: str) -> ConfigDict:
@@ -91,7 +98,10 @@ def load_model(workdir: str, step: int | None = None) -> tuple[Transformer, Conf
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
   abstract = jax.eval_shape(init, jax.random.key(0))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = ckpt.restore(step, checkpoint.abstract_with_sharding(
-      abstract, jax.tree.map(lambda _: device, abstract)), None)
+  state = ckpt.restore(
+    step,
+    checkpoint.abstract_with_sharding(abstract, jax.tree.map(lambda _: device, abstract)),
+    None,
+  )
   ckpt.close()
   return nnx.merge(graphdef, state["params"]), config, step

@@ -25,8 +25,9 @@ def _to_python(value: Any):
 
 
 class MetricWriter:
-
-  def __init__(self, workdir: str, *, total_steps: int, progress: bool = True, stream: TextIO | None = None):
+  def __init__(
+    self, workdir: str, *, total_steps: int, progress: bool = True, stream: TextIO | None = None
+  ):
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
     self.stream = stream or sys.stderr
@@ -59,9 +60,13 @@ class MetricWriter:
     if not self.progress:
       return
     parts = [f"step {step}/{self.total_steps}"]
-    for key, fmt in (("train/loss", "loss {:.4f}"), ("train/accuracy", "acc {:.3f}"),
-                     ("eval/loss", "eval_loss {:.4f}"), ("eval/accuracy", "eval_acc {:.3f}"),
-                     ("train/tokens_per_sec", "{:,.0f} tok/s")):
+    for key, fmt in (
+      ("train/loss", "loss {:.4f}"),
+      ("train/accuracy", "acc {:.3f}"),
+      ("eval/loss", "eval_loss {:.4f}"),
+      ("eval/accuracy", "eval_acc {:.3f}"),
+      ("train/tokens_per_sec", "{:,.0f} tok/s"),
+    ):
       if key in metrics:
         parts.append(fmt.format(float(metrics[key])))
     parts.append(f"{time.time() - self._start:.0f}s")

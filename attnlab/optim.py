@@ -39,23 +39,23 @@ def decay_mask(params: Any) -> Any:
 
 def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=optim.lr,
-      warmup_steps=optim.warmup_steps,
-      decay_steps=max(total_steps, optim.warmup_steps + 1),
-      end_value=optim.lr * optim.min_lr_ratio,
+    init_value=0.0,
+    peak_value=optim.lr,
+    warmup_steps=optim.warmup_steps,
+    decay_steps=max(total_steps, optim.warmup_steps + 1),
+    end_value=optim.lr * optim.min_lr_ratio,
   )
 
 
 def make_optimizer(optim: ConfigDict, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(optim.clip_norm),
-      optax.adamw(
-          learning_rate_schedule(optim, total_steps),
-          b1=optim.b1,
-          b2=optim.b2,
-          eps=optim.eps,
-          weight_decay=optim.weight_decay,
-          mask=decay_mask,
-      ),
+    optax.clip_by_global_norm(optim.clip_norm),
+    optax.adamw(
+      learning_rate_schedule(optim, total_steps),
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+      mask=decay_mask,
+    ),
   )

@@ -1,7 +1,7 @@
 """Generate from a trained workdir.
 
-    python -m attnlab.sample --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200
-    python -m attnlab.sample --workdir=runs/tiny --prompt_ids=5,40,7,33,5 --max_new_tokens=1
+python -m attnlab.sample --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200
+python -m attnlab.sample --workdir=runs/tiny --prompt_ids=5,40,7,33,5 --max_new_tokens=1
 """
 
 import sys
@@ -33,8 +33,14 @@ def main(argv):
     prompt = tokenizer.encode(_PROMPT.value)[None]
   else:
     raise app.UsageError("give --prompt or --prompt_ids")
-  out = generate.generate(model, prompt, max_new_tokens=_NEW.value, temperature=_TEMPERATURE.value,
-                          top_k=_TOP_K.value, rng=jax.random.key(_SEED.value))
+  out = generate.generate(
+    model,
+    prompt,
+    max_new_tokens=_NEW.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    rng=jax.random.key(_SEED.value),
+  )
   ids = np.asarray(out[0])
   if _PROMPT_IDS.value:
     sys.stdout.write(",".join(map(str, ids.tolist())) + "\n")

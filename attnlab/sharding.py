@@ -37,18 +37,15 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   known = math.prod(s for s in sizes if s != -1)
   if unknown:
     if len(devices) % known:
-      raise ValueError(
-          f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices"
-      )
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
     sizes[unknown[0]] = len(devices) // known
   total = math.prod(sizes)
   if total > len(devices):
     raise ValueError(
-        f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, "
-        f"only {len(devices)} available"
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, only {len(devices)} available"
     )
   return jax.make_mesh(
-      tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:total]
+    tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:total]
   )
 
 
@@ -100,6 +97,6 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
   """Assembles per-process numpy batches into global, sharded arrays."""
   return {
-      key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
-      for key, value in local.items()
+    key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
+    for key, value in local.items()
   }

@@ -13,17 +13,22 @@ from ml_collections import config_flags
 from attnlab import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with :key=value,... arguments.", lock_config=True
+  "config", None, "Config file, optionally with :key=value,... arguments.", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.", required=True)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints and metrics.", required=True
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "host:port of process 0 for multi-process runs off TPU (on TPU pods leave "
-    "unset and pass --distributed).")
+  "coordinator_address",
+  None,
+  "host:port of process 0 for multi-process runs off TPU (on TPU pods leave "
+  "unset and pass --distributed).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM).")
+  "distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM)."
+)
 
 
 def main(argv):
@@ -35,9 +40,9 @@ def main(argv):
     import jax
 
     jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
     )
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

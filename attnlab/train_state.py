@@ -15,7 +15,9 @@ from attnlab import optim
 from attnlab.models import build_model
 
 
-def initializer(config: ConfigDict) -> tuple[Any, Callable[[jax.Array], dict], optax.GradientTransformation]:
+def initializer(
+  config: ConfigDict,
+) -> tuple[Any, Callable[[jax.Array], dict], optax.GradientTransformation]:
   """(graphdef, init(rng) -> state, optimizer) for `config`.
 
   `init` is pure, so it can run under `jax.eval_shape` (abstract state) or

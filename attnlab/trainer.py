@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from attnlab import checkpoint, data, metrics, optim, sharding, train_state
@@ -42,10 +43,12 @@ def weighted_sums(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
 
 def _microbatches(batch: dict, count: int) -> dict:
   """[B, ...] -> [count, B/count, ...] for gradient accumulation."""
+
   def split(x):
     if x.shape[0] % count:
       raise ValueError(f"batch {x.shape[0]} does not split into {count} microbatches")
     return x.reshape(count, x.shape[0] // count, *x.shape[1:])
+
   return jax.tree.map(split, batch)
 
 
@@ -79,8 +82,8 @@ def _check_finite(pending: list[tuple[int, jax.Array]]) -> None:
     if not np.isfinite(value):
       pending.clear()
       raise NonFiniteLossError(
-          f"training loss is {float(value)} at step {step}; stopping. "
-          "Lower optim.lr, check the data, or try model.dtype='float32'."
+        f"training loss is {float(value)} at step {step}; stopping. "
+        "Lower optim.lr, check the data, or try model.dtype='float32'."
       )
   pending.clear()
 
@@ -98,13 +101,24 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   process_index, process_count = jax.process_index(), jax.process_count()
 
   # 2. Data: this process's share; the train iterator is checkpointed.
-  train_iter = iter(data.make_dataset(
-      config.data, seed=config.seed, train=True,
-      process_index=process_index, process_count=process_count))
+  train_iter = iter(
+    data.make_dataset(
+      config.data,
+      seed=config.seed,
+      train=True,
+      process_index=process_index,
+      process_count=process_count,
+    )
+  )
 
   def eval_batches():
-    ds = data.make_dataset(config.data, seed=config.seed, train=False,
-                           process_index=process_index, process_count=process_count)
+    ds = data.make_dataset(
+      config.data,
+      seed=config.seed,
+      train=False,
+      process_index=process_index,
+      process_count=process_count,
+    )
     for i, batch in enumerate(ds):
       if i >= config.eval_batches:
         break
@@ -125,7 +139,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   latest = ckpt.latest_step()
   if latest is not None:
     state = ckpt.restore(
-        latest, checkpoint.abstract_with_sharding(abstract_state, state_sharding), train_iter)
+      latest, checkpoint.abstract_with_sharding(abstract_state, state_sharding), train_iter
+    )
     writer.message(f"resumed from {ckpt.directory} at step {latest}")
   else:
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -159,15 +174,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
+      "step": state["step"] + 1,
+      "params": optax.apply_updates(state["params"], updates),
+      "opt_state": opt_state,
     }
     step_metrics = {
-        "train/loss": totals["ce"] / weight,
-        "train/accuracy": totals["correct"] / weight,
-        "train/grad_norm": optax.global_norm(grads),
-        "train/lr": optim.learning_rate_schedule(config.optim, config.total_steps)(state["step"]),
+      "train/loss": totals["ce"] / weight,
+      "train/accuracy": totals["correct"] / weight,
+      "train/grad_norm": optax.global_norm(grads),
+      "train/lr": optim.learning_rate_schedule(config.optim, config.total_steps)(state["step"]),
     }
     return new_state, step_metrics
 
@@ -197,37 +212,44 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   last = {}
   window_start, window_steps = time.time(), 0
   step = first_step
-  with _StopFlag() as stop:
-    for step in range(first_step + 1, config.total_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step), \
-           jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        state, step_metrics = train_step(state, to_global(next(train_iter)))
-      pending.append((step, step_metrics["train/loss"]))
-      window_steps += 1
-      is_last = step == config.total_steps
-      if step % config.log_every == 0 or is_last:
-        _check_finite(pending)
-        last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        elapsed = time.time() - window_start
-        last["train/tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
-        window_start, window_steps = time.time(), 0
-        if config.eval_every and (step % config.eval_every == 0 or is_last):
-          last.update(evaluate(state["params"]))
-          window_start = time.time()  # eval time is not training throughput
-        writer.write(step, last)
-        writer.show_progress(step, last)
-      if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last:
-        _check_finite(pending)
-        ckpt.save(step, state, train_iter)
-      if stop.requested or (jax.process_count() > 1 and
-                            jax.experimental.multihost_utils.reached_preemption_sync_point(step)):
-        _check_finite(pending)
-        ckpt.save(step, state, train_iter)
-        writer.message(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
-        break
-
-  # 8. Finish.
-  ckpt.close()
-  writer.close()
-  logging.info("finished at step %d: %s", step, json.dumps(last))
+  saved_step = first_step
+  try:
+    with _StopFlag() as stop:
+      for step in range(first_step + 1, config.total_steps + 1):
+        with (
+          jax.profiler.StepTraceAnnotation("train", step_num=step),
+          jax.set_mesh(mesh),
+          nnx.logical_axis_rules(rules),
+        ):
+          state, step_metrics = train_step(state, to_global(next(train_iter)))
+        pending.append((step, step_metrics["train/loss"]))
+        window_steps += 1
+        is_last = step == config.total_steps
+        if step % config.log_every == 0 or is_last:
+          _check_finite(pending)
+          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          elapsed = time.time() - window_start
+          last["train/tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
+          window_start, window_steps = time.time(), 0
+          if config.eval_every and (step % config.eval_every == 0 or is_last):
+            last.update(evaluate(state["params"]))
+            window_start = time.time()  # eval time is not training throughput
+          writer.write(step, last)
+          writer.show_progress(step, last)
+        preempted = stop.requested or (
+          process_count > 1 and multihost_utils.reached_preemption_sync_point(step)
+        )
+        periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+        if periodic or is_last or preempted:
+          _check_finite(pending)  # never checkpoint a diverged state
+          ckpt.save(step, state, train_iter)
+          saved_step = step
+        if preempted:
+          writer.message(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
+          break
+  finally:
+    # 8. Finish: let in-flight async saves land, also when a step raised.
+    ckpt.close()
+    writer.close()
+  logging.info("finished at step %d (last checkpoint %d): %s", step, saved_step, json.dumps(last))
   return last

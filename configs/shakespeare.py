@@ -16,12 +16,15 @@ import os
 
 from attnlab import config as config_lib
 
-_DEFAULT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "shakespeare")
+_DEFAULT_SOURCE = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "shakespeare"
+)
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, attention="softmax", seq_len=256, steps=5000,
-                             source=os.path.normpath(_DEFAULT_SOURCE))
+  arg = config_lib.parse_arg(
+    arg, attention="softmax", seq_len=256, steps=5000, source=os.path.normpath(_DEFAULT_SOURCE)
+  )
   c = config_lib.base_config()
   c.total_steps = arg.steps
   c.log_every = 50

@@ -12,7 +12,9 @@ from .test_models import _load_config
 
 
 def test_parse_arg_types_and_unknown_keys():
-  arg = config_lib.parse_arg("attention=linear,steps=12,fast=true", attention="softmax", steps=1, fast=False)
+  arg = config_lib.parse_arg(
+    "attention=linear,steps=12,fast=true", attention="softmax", steps=1, fast=False
+  )
   assert (arg.attention, arg.steps, arg.fast) == ("linear", 12, True)
   with pytest.raises(ValueError, match="unknown config argument 'atention'"):
     config_lib.parse_arg("atention=linear", attention="softmax")
@@ -31,8 +33,18 @@ def test_configs_build_and_are_locked():
 
 def _train_cli(*args, tmp_path):
   return subprocess.run(
-      [sys.executable, "-m", "attnlab.train", "--config=configs/tiny.py", f"--workdir={tmp_path}", *args],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
+    [
+      sys.executable,
+      "-m",
+      "attnlab.train",
+      "--config=configs/tiny.py",
+      f"--workdir={tmp_path}",
+      *args,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
 
 
@@ -40,8 +52,18 @@ def test_cli_rejects_typos(tmp_path):
   bad_override = _train_cli("--config.model.d_modle=32", tmp_path=tmp_path)
   assert bad_override.returncode != 0 and "d_modle" in bad_override.stderr
   bad_arg = subprocess.run(
-      [sys.executable, "-m", "attnlab.train", "--config=configs/tiny.py:atention=linear",
-       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "attnlab.train",
+      "--config=configs/tiny.py:atention=linear",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad_arg.returncode != 0 and "atention" in bad_arg.stderr
   bad_type = _train_cli("--config.total_steps=lots", tmp_path=tmp_path)
   assert bad_type.returncode != 0 and "total_steps" in bad_type.stderr

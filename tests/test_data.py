@@ -57,8 +57,10 @@ def test_mqar_rejects_impossible_sizes():
 def test_processes_read_disjoint_synthetic_shards():
   data = config_lib.base_config().data
   data.batch_size = 8
-  shards = [next(iter(make_dataset(data, seed=0, train=True, process_index=i, process_count=2)))
-            for i in range(2)]
+  shards = [
+    next(iter(make_dataset(data, seed=0, train=True, process_index=i, process_count=2)))
+    for i in range(2)
+  ]
   assert shards[0]["inputs"].shape == (4, data.seq_len)
   assert not np.array_equal(shards[0]["inputs"], shards[1]["inputs"])
 
@@ -89,8 +91,17 @@ def test_passages_keep_every_line():
 
 def _text_config(tmp_path, **kw):
   data = config_lib.base_config().data
-  data.update(dict(task="tfds", tfds_name="text_corpus", data_dir=str(tmp_path / "tfds"),
-                   seq_len=48, batch_size=4, eval_batch_size=4, vocab_size=264))
+  data.update(
+    dict(
+      task="tfds",
+      tfds_name="text_corpus",
+      data_dir=str(tmp_path / "tfds"),
+      seq_len=48,
+      batch_size=4,
+      eval_batch_size=4,
+      vocab_size=264,
+    )
+  )
   data.update(kw)
   return data
 
@@ -99,7 +110,9 @@ def test_text_corpus_build_and_pipeline(tmp_path):
   works = tmp_path / "works"
   works.mkdir()
   for i in range(9):
-    (works / f"work_{i}.txt").write_text("".join(f"Work {i}, line {j}: to be or not.\n" for j in range(200)))
+    (works / f"work_{i}.txt").write_text(
+      "".join(f"Work {i}, line {j}: to be or not.\n" for j in range(200))
+    )
   data = _text_config(tmp_path, prepare_from=str(works))
   batch = next(iter(make_dataset(data, seed=0, train=True)))
   assert batch["inputs"].shape == (4, 48)

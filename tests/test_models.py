@@ -35,13 +35,13 @@ def _decode_all(model, tokens, prefill):
 
 
 CASES = {
-    "softmax": dict(attention="softmax"),
-    "softmax_gqa_qknorm": dict(attention="softmax", num_kv_heads=2, qk_norm=True),
-    "softmax_nope": dict(attention="softmax", rope=False),
-    "linear_elu_normalized": dict(attention="linear"),
-    "linear_relu_gqa": dict(attention="linear", num_kv_heads=1),
-    "linear_identity_rope": dict(attention="linear", rope=True),
-    "mixed_pattern": dict(layer_pattern="softmax,linear", num_layers=4),
+  "softmax": dict(attention="softmax"),
+  "softmax_gqa_qknorm": dict(attention="softmax", num_kv_heads=2, qk_norm=True),
+  "softmax_nope": dict(attention="softmax", rope=False),
+  "linear_elu_normalized": dict(attention="linear"),
+  "linear_relu_gqa": dict(attention="linear", num_kv_heads=1),
+  "linear_identity_rope": dict(attention="linear", rope=True),
+  "mixed_pattern": dict(layer_pattern="softmax,linear", num_layers=4),
 }
 
 
@@ -67,7 +67,10 @@ def test_layer_pattern_builds_the_named_mixers():
   assert layer_mixers(cfg) == ["linear", "linear", "softmax"] * 2
   model = build_model(cfg, nnx.Rngs(0))
   assert [type(b.mixer).__name__ for b in model.blocks][:3] == [
-      "LinearAttention", "LinearAttention", "SoftmaxAttention"]
+    "LinearAttention",
+    "LinearAttention",
+    "SoftmaxAttention",
+  ]
   with pytest.raises(ValueError, match="does not divide"):
     layer_mixers(_model_config(layer_pattern="linear,softmax", num_layers=3))
   with pytest.raises(ValueError, match="unknown attention variant 'sofmax'"):
@@ -99,7 +102,9 @@ def test_weight_decay_mask_exempts_norms_and_biases():
   decayed = [k for k, m in flat.items() if m]
   exempt = [k for k, m in flat.items() if not m]
   assert all("scale" in k for k in exempt) and len(exempt) == 2 * 2 + 2 * 2 + 1
-  assert any("embedding" in k for k in decayed) and any("mixer" in k and "kernel" in k for k in decayed)
+  assert any("embedding" in k for k in decayed) and any(
+    "mixer" in k and "kernel" in k for k in decayed
+  )
 
 
 def test_registry_lists_variants_and_rejects_duplicates():
@@ -122,8 +127,14 @@ def test_softmax_1b_parameter_count():
   m = config.model
   # Independent count: embeddings + per-layer (q, k, v, o, 3 MLP mats, 2 norms) + final norm.
   hd = m.d_model // m.num_heads
-  per_layer = (m.d_model * m.num_heads * hd * 2 + m.d_model * m.num_kv_heads * hd * 2
-               + 3 * m.d_model * m.mlp_dim + 2 * m.d_model)
-  expected = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.num_layers * per_layer + m.d_model
+  per_layer = (
+    m.d_model * m.num_heads * hd * 2
+    + m.d_model * m.num_kv_heads * hd * 2
+    + 3 * m.d_model * m.mlp_dim
+    + 2 * m.d_model
+  )
+  expected = (
+    m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.num_layers * per_layer + m.d_model
+  )
   assert count == expected
   assert 0.95e9 < count < 1.25e9, count

@@ -32,7 +32,11 @@ def _numpy_softmax_attention(q, k, v, logit_scale=None):
 @pytest.mark.parametrize("with_logit_scale", [False, True])
 def test_softmax_values_match_float64_references(x64, heads, kv_heads, with_logit_scale):
   rng = np.random.default_rng(0)
-  q, k, v = _rand(rng, 2, 19, heads, 8), _rand(rng, 2, 19, kv_heads, 8), _rand(rng, 2, 19, kv_heads, 8)
+  q, k, v = (
+    _rand(rng, 2, 19, heads, 8),
+    _rand(rng, 2, 19, kv_heads, 8),
+    _rand(rng, 2, 19, kv_heads, 8),
+  )
   ls = jnp.asarray(rng.uniform(0.5, 3.0, (2, 19, heads))) if with_logit_scale else None
   expected = _numpy_softmax_attention(q, k, v, ls)
   for impl in ("xla", "reference"):
@@ -50,7 +54,9 @@ def test_softmax_gradients(x64):
   cot = _rand(rng, 1, 13, 4, 8)
   grads = {}
   for impl in ("xla", "reference"):
-    loss = lambda *a, impl=impl: jnp.sum(ops.softmax_attention(*a[:3], logit_scale=a[3], implementation=impl) * cot)
+    loss = lambda *a, impl=impl: jnp.sum(
+      ops.softmax_attention(*a[:3], logit_scale=a[3], implementation=impl) * cot
+    )
     grads[impl] = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, ls)
   for a, b in zip(grads["xla"], grads["reference"]):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -64,14 +70,18 @@ def test_softmax_cached_decoding_equals_full(x64):
   v_cache = jnp.zeros((2, 16, 2, 8)).at[:, :11].set(v)
   # A 5-token prefill chunk, then one token at a time.
   parts = [ops.softmax_attention_cached(q[:, :5], k_cache, v_cache, 5)]
-  parts += [ops.softmax_attention_cached(q[:, t : t + 1], k_cache, v_cache, t + 1) for t in range(5, 11)]
+  parts += [
+    ops.softmax_attention_cached(q[:, t : t + 1], k_cache, v_cache, t + 1) for t in range(5, 11)
+  ]
   np.testing.assert_allclose(jnp.concatenate(parts, 1), full, rtol=1e-12, atol=1e-12)
 
 
 def test_softmax_keeps_low_precision_dtype_and_accuracy():
   rng = np.random.default_rng(3)
   q, k, v = (_rand(rng, 1, 33, 2, 16, dtype=jnp.float32) for _ in range(3))
-  out = ops.softmax_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
+  out = ops.softmax_attention(
+    q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  )
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(np.float32), _numpy_softmax_attention(q, k, v), atol=3e-2)
 
@@ -87,7 +97,9 @@ def _numpy_linear_attention(q, k, v, normalize, kv0=None, z0=None):
     kv += np.einsum("bhd,bhe->bhde", k[:, i], v[:, i])
     z += k[:, i]
     num = np.einsum("bhd,bhde->bhe", q[:, i], kv)
-    out[:, i] = num / np.einsum("bhd,bhd->bh", q[:, i], z)[..., None] if normalize else num / np.sqrt(d)
+    out[:, i] = (
+      num / np.einsum("bhd,bhd->bh", q[:, i], z)[..., None] if normalize else num / np.sqrt(d)
+    )
   return out, kv, z
 
 
@@ -103,8 +115,16 @@ def test_linear_matches_recurrence_with_initial_state(x64, normalize, t, chunk):
   init = (kv0, z0) if normalize else kv0
   expected, kv, z = _numpy_linear_attention(q, k, v, normalize, kv0, z0 if normalize else None)
   for impl in ("xla", "reference"):
-    o, final = ops.linear_attention(q, k, v, normalize=normalize, initial_state=init,
-                                    output_final_state=True, chunk_size=chunk, implementation=impl)
+    o, final = ops.linear_attention(
+      q,
+      k,
+      v,
+      normalize=normalize,
+      initial_state=init,
+      output_final_state=True,
+      chunk_size=chunk,
+      implementation=impl,
+    )
     np.testing.assert_allclose(o, expected, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(final[0] if normalize else final, kv, rtol=1e-11, atol=1e-11)
     if normalize:
@@ -121,14 +141,26 @@ def test_linear_gradients(x64, normalize):
   init = (kv0, jnp.abs(_rand(rng, 1, 2, 4))) if normalize else kv0
 
   def f(q, k, v, init, impl="xla"):
-    o, s = ops.linear_attention(q, k, v, normalize=normalize, initial_state=init,
-                                output_final_state=True, chunk_size=8, implementation=impl)
+    o, s = ops.linear_attention(
+      q,
+      k,
+      v,
+      normalize=normalize,
+      initial_state=init,
+      output_final_state=True,
+      chunk_size=8,
+      implementation=impl,
+    )
     return o, s
 
   check_grads(f, (q, k, v, init), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
   cot = _rand(rng, 1, 21, 2, 4)
-  g = [jax.grad(lambda *a, impl=impl: jnp.sum(f(*a, impl=impl)[0] * cot), argnums=(0, 1, 2, 3))(q, k, v, init)
-       for impl in ("xla", "reference")]
+  g = [
+    jax.grad(lambda *a, impl=impl: jnp.sum(f(*a, impl=impl)[0] * cot), argnums=(0, 1, 2, 3))(
+      q, k, v, init
+    )
+    for impl in ("xla", "reference")
+  ]
   for a, b in zip(jax.tree.leaves(g[0]), jax.tree.leaves(g[1])):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
 
@@ -138,11 +170,18 @@ def test_linear_recurrent_split_equals_parallel():
   rng = np.random.default_rng(6)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 29, 2, 8)), jnp.float32) for _ in range(3))
   whole, final = ops.linear_attention(q, k, v, output_final_state=True, chunk_size=8)
-  first, state = ops.linear_attention(q[:, :10], k[:, :10], v[:, :10], output_final_state=True, chunk_size=8)
+  first, state = ops.linear_attention(
+    q[:, :10], k[:, :10], v[:, :10], output_final_state=True, chunk_size=8
+  )
   steps = [first]
   for t in range(10, 29):
-    o, state = ops.linear_attention(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1],
-                                    initial_state=state, output_final_state=True)
+    o, state = ops.linear_attention(
+      q[:, t : t + 1],
+      k[:, t : t + 1],
+      v[:, t : t + 1],
+      initial_state=state,
+      output_final_state=True,
+    )
     steps.append(o)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), whole, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(state, final, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ preemption, the NaN guard and generation from a checkpoint."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +64,9 @@ def test_tiny_run_writes_metrics_checkpoints_and_generates(tmp_path):
   assert {"eval/loss", "eval/accuracy"} <= set(rows[9]) and "eval/loss" not in rows[8]
   assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.3  # it learns
   assert final["eval/loss"] == rows[-1]["eval/loss"]
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert any(
+    f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard"))
+  )
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30"]
 
   model, config, step = generate.load_model(workdir)
@@ -74,10 +77,12 @@ def test_tiny_run_writes_metrics_checkpoints_and_generates(tmp_path):
   for _ in range(6):  # greedy decoding by repeated full forward passes
     expected = jnp.concatenate([expected, jnp.argmax(model(expected)[:, -1:], -1)], axis=1)
   np.testing.assert_array_equal(greedy, expected)
-  sampled = generate.generate(model, prompt, max_new_tokens=6, temperature=1.0, top_k=5,
-                              rng=jax.random.key(1))
-  again = generate.generate(model, prompt, max_new_tokens=6, temperature=1.0, top_k=5,
-                            rng=jax.random.key(1))
+  sampled = generate.generate(
+    model, prompt, max_new_tokens=6, temperature=1.0, top_k=5, rng=jax.random.key(1)
+  )
+  again = generate.generate(
+    model, prompt, max_new_tokens=6, temperature=1.0, top_k=5, rng=jax.random.key(1)
+  )
   np.testing.assert_array_equal(sampled, again)
   assert sampled.shape == (2, 13) and int(sampled.max()) < 64
 
@@ -112,8 +117,9 @@ def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
 
   expected, got = _loss_by_step(reference), _loss_by_step(resumed)
   assert sorted(got) == list(range(1, 31))
-  np.testing.assert_allclose([got[s] for s in range(1, 31)], [expected[s] for s in range(1, 31)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [got[s] for s in range(1, 31)], [expected[s] for s in range(1, 31)], rtol=1e-5
+  )
 
 
 def test_sharded_step_on_8_devices_equals_single_device(tmp_path):
@@ -127,18 +133,36 @@ def test_sharded_step_on_8_devices_equals_single_device(tmp_path):
   np.testing.assert_allclose(b["eval/loss"], a["eval/loss"], rtol=2e-5)
 
 
-def test_nan_guard_names_the_step(tmp_path):
-  config = _tiny(total_steps=20, log_every=10, **{"optim.lr": 1e30, "optim.warmup_steps": 0,
-                                                  "optim.clip_norm": 1e30})
-  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 2\b"):
-    trainer.train_and_evaluate(config, str(tmp_path / "nan"))
+def test_nan_guard_names_the_first_bad_step(tmp_path):
+  overrides = {"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 1e30}
+  # Logging every 10 steps, the guard still finds the exact first bad step...
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+") as sparse:
+    trainer.train_and_evaluate(
+      _tiny(total_steps=20, log_every=10, **overrides), str(tmp_path / "a")
+    )
+  bad_step = int(re.search(r"at step (\d+)", str(sparse.value)).group(1))
+  # ...which is the step after the last finite one when every step is logged.
+  with pytest.raises(trainer.NonFiniteLossError, match=rf"at step {bad_step}\b"):
+    trainer.train_and_evaluate(_tiny(total_steps=20, log_every=1, **overrides), str(tmp_path / "b"))
+  rows = _rows(str(tmp_path / "b"))
+  assert [r["step"] for r in rows] == list(range(1, bad_step))
+  assert all(np.isfinite(r["train/loss"]) for r in rows)
+  assert not os.path.exists(os.path.join(tmp_path, "b", "checkpoints", str(bad_step)))
 
 
 def test_sigterm_saves_and_rerun_continues(tmp_path):
   workdir = str(tmp_path / "preempted")
-  cmd = [sys.executable, "-m", "attnlab.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-         "--config.log_every=1", "--config.progress=False", "--config.total_steps=100000",
-         "--config.checkpoint_every=100000"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "attnlab.train",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    "--config.log_every=1",
+    "--config.progress=False",
+    "--config.total_steps=100000",
+    "--config.checkpoint_every=100000",
+  ]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 120
@@ -149,8 +173,13 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
   assert proc.returncode == 0, err
   stopped_at = _rows(workdir)[-1]["step"]
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped_at)]
-  rerun = subprocess.run(cmd[:-2] + [f"--config.total_steps={stopped_at + 3}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+  rerun = subprocess.run(
+    cmd[:-2] + [f"--config.total_steps={stopped_at + 3}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert rerun.returncode == 0, rerun.stderr
   steps = [r["step"] for r in _rows(workdir)]
   assert steps[-4:] == [stopped_at, stopped_at + 1, stopped_at + 2, stopped_at + 3]

@@ -12,7 +12,7 @@ from attnlab.data import text_corpus
 
 _SOURCE = flags.DEFINE_string("source_dir", None, "Directory of .txt files.", required=True)
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", os.path.expanduser("~/tensorflow_datasets"), "TFDS data_dir to build into."
+  "data_dir", os.path.expanduser("~/tensorflow_datasets"), "TFDS data_dir to build into."
 )
 
 

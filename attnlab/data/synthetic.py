@@ -18,9 +18,9 @@ NEEDLE_MARKER = 1
 def _batch(sequences: np.ndarray, answer_mask: np.ndarray) -> dict[str, np.ndarray]:
   """Next-token pairs from [B, T+1] sequences; `answer_mask` is [B, T]."""
   return {
-      "inputs": sequences[:, :-1].astype(np.int32),
-      "targets": sequences[:, 1:].astype(np.int32),
-      "weights": answer_mask.astype(np.float32),
+    "inputs": sequences[:, :-1].astype(np.int32),
+    "targets": sequences[:, 1:].astype(np.int32),
+    "weights": answer_mask.astype(np.float32),
   }
 
 
@@ -31,14 +31,14 @@ def _top_k_without_replacement(rng, log_weights: np.ndarray, batch: int, k: int)
 
 
 def mqar(
-    indices: np.ndarray,
-    *,
-    seed: int,
-    seq_len: int,
-    vocab_size: int,
-    num_kv_pairs: int,
-    num_queries: int | None = None,
-    power_a: float = 0.01,
+  indices: np.ndarray,
+  *,
+  seed: int,
+  seq_len: int,
+  vocab_size: int,
+  num_kv_pairs: int,
+  num_queries: int | None = None,
+  power_a: float = 0.01,
 ) -> dict[str, np.ndarray]:
   """A batch of multi-query associative recall (Arora et al., 2023, Zoology).
 
@@ -57,8 +57,8 @@ def mqar(
   half = vocab_size // 2
   if num_kv_pairs > half - 1 or num_queries > min(num_kv_pairs, slots):
     raise ValueError(
-        f"MQAR cannot fit {num_kv_pairs} pairs / {num_queries} queries into "
-        f"seq_len={seq_len}, vocab_size={vocab_size}"
+      f"MQAR cannot fit {num_kv_pairs} pairs / {num_queries} queries into "
+      f"seq_len={seq_len}, vocab_size={vocab_size}"
     )
   rows = np.arange(batch)[:, None]
   keys = 1 + _top_k_without_replacement(rng, np.zeros(half - 1), batch, num_kv_pairs)
@@ -78,7 +78,7 @@ def mqar(
 
 
 def needle(
-    indices: np.ndarray, *, seed: int, seq_len: int, vocab_size: int, **unused
+  indices: np.ndarray, *, seed: int, seq_len: int, vocab_size: int, **unused
 ) -> dict[str, np.ndarray]:
   """A batch of needle-in-a-haystack retrieval.
 

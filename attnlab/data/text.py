@@ -22,7 +22,9 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 
 def _data_dir(data: ConfigDict) -> str:
-  return os.path.expanduser(data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  return os.path.expanduser(
+    data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  )
 
 
 def open_source(data: ConfigDict, split: str):
@@ -32,15 +34,15 @@ def open_source(data: ConfigDict, split: str):
     if not tfds.builder("text_corpus", data_dir=data_dir).is_prepared():
       if not os.path.isdir(data.prepare_from):
         raise DatasetNotPreparedError(
-            f"data.prepare_from={data.prepare_from!r} is not a directory of .txt files"
+          f"data.prepare_from={data.prepare_from!r} is not a directory of .txt files"
         )
       text_corpus.prepare(data.prepare_from, data_dir)
   message = (
-      f"TFDS dataset {data.tfds_name!r} is not prepared as ArrayRecord in "
-      f"data_dir={data_dir!r}. Prepare it first, e.g.\n"
-      f"  tfds build {data.tfds_name} --data_dir={data_dir} --file_format=array_record\n"
-      "or, for a directory of .txt files,\n"
-      f"  python -m attnlab.data.prepare --source_dir=DIR --data_dir={data_dir}"
+    f"TFDS dataset {data.tfds_name!r} is not prepared as ArrayRecord in "
+    f"data_dir={data_dir!r}. Prepare it first, e.g.\n"
+    f"  tfds build {data.tfds_name} --data_dir={data_dir} --file_format=array_record\n"
+    "or, for a directory of .txt files,\n"
+    f"  python -m attnlab.data.prepare --source_dir=DIR --data_dir={data_dir}"
   )
   try:
     builder = tfds.builder(data.tfds_name, data_dir=data_dir)
@@ -55,21 +57,20 @@ def open_source(data: ConfigDict, split: str):
 
 
 def lm_dataset(
-    data: ConfigDict,
-    *,
-    split: str,
-    seed: int,
-    train: bool,
-    batch_size: int,
-    process_index: int,
-    process_count: int,
+  data: ConfigDict,
+  *,
+  split: str,
+  seed: int,
+  train: bool,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
 ) -> grain.IterDataset:
   """Batches of packed {inputs, targets, weights} windows of length seq_len."""
   tokenizer = tokenizers.get_tokenizer(data.tokenizer)
   if tokenizer.vocab_size > data.vocab_size:
     raise ValueError(
-        f"tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size is "
-        f"{data.vocab_size}"
+      f"tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size is {data.vocab_size}"
     )
   source = open_source(data, tfds.even_splits(split, process_count)[process_index])
   ds = grain.MapDataset.source(source)
@@ -82,17 +83,15 @@ def lm_dataset(
     return {"tokens": np.append(ids, tokenizer.eos_id).astype(np.int32)}
 
   ds = ds.map(tokenize).to_iter_dataset()
-  ds = grain.experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={"tokens": data.seq_len + 1}
-  )
+  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": data.seq_len + 1})
 
   def to_example(packed):
     tokens = packed["tokens"]
     return {
-        "inputs": tokens[:-1],
-        "targets": tokens[1:],
-        # Padding after the last document of a finite split has segment id 0.
-        "weights": (packed["tokens_segment_ids"][1:] > 0).astype(np.float32),
+      "inputs": tokens[:-1],
+      "targets": tokens[1:],
+      # Padding after the last document of a finite split has segment id 0.
+      "weights": (packed["tokens_segment_ids"][1:] > 0).astype(np.float32),
     }
 
   return ds.map(to_example).batch(batch_size, drop_remainder=True)

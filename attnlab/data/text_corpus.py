@@ -23,8 +23,8 @@ HOLDOUT_EVERY = 8
 def split_works(paths: list[pathlib.Path]) -> dict[str, list[pathlib.Path]]:
   paths = sorted(paths)
   return {
-      "train": [p for i, p in enumerate(paths) if i % HOLDOUT_EVERY != HOLDOUT_EVERY // 2],
-      "validation": [p for i, p in enumerate(paths) if i % HOLDOUT_EVERY == HOLDOUT_EVERY // 2],
+    "train": [p for i, p in enumerate(paths) if i % HOLDOUT_EVERY != HOLDOUT_EVERY // 2],
+    "validation": [p for i, p in enumerate(paths) if i % HOLDOUT_EVERY == HOLDOUT_EVERY // 2],
   }
 
 
@@ -50,11 +50,11 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Plain-text works split into passages; whole works held out.",
-        features=tfds.features.FeaturesDict(
-            {"text": tfds.features.Text(), "work": tfds.features.Text()}
-        ),
+      builder=self,
+      description="Plain-text works split into passages; whole works held out.",
+      features=tfds.features.FeaturesDict(
+        {"text": tfds.features.Text(), "work": tfds.features.Text()}
+      ),
     )
 
   def _split_generators(self, dl_manager):
@@ -74,5 +74,5 @@ def prepare(source_dir: str, data_dir: str) -> None:
   """Builds `text_corpus` from `source_dir` into `data_dir` as ArrayRecord."""
   builder = TextCorpus(data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir))
+    download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir))
   )

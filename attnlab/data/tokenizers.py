@@ -28,8 +28,8 @@ class SentencePieceTokenizer:
       import sentencepiece
     except ImportError as e:
       raise ImportError(
-          "data.tokenizer names a SentencePiece model but the sentencepiece "
-          "package is not installed: pip install sentencepiece"
+        "data.tokenizer names a SentencePiece model but the sentencepiece "
+        "package is not installed: pip install sentencepiece"
       ) from e
     self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
     self.eos_id = self._sp.eos_id()

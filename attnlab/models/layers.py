@@ -14,26 +14,26 @@ Axes = tuple[str | None, ...]
 
 
 def dense(
-    in_features: int,
-    out_features: int,
-    axes: Axes,
-    *,
-    dtype: jnp.dtype,
-    rngs: nnx.Rngs,
-    use_bias: bool = False,
-    init_scale: float = 1.0,
+  in_features: int,
+  out_features: int,
+  axes: Axes,
+  *,
+  dtype: jnp.dtype,
+  rngs: nnx.Rngs,
+  use_bias: bool = False,
+  init_scale: float = 1.0,
 ) -> nnx.Linear:
   """A bias-free projection whose kernel [in, out] is named by `axes`."""
   init = nnx.initializers.variance_scaling(init_scale, "fan_in", "normal")
   return nnx.Linear(
-      in_features,
-      out_features,
-      use_bias=use_bias,
-      kernel_init=nnx.with_partitioning(init, axes),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[-1:]),
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      rngs=rngs,
+    in_features,
+    out_features,
+    use_bias=use_bias,
+    kernel_init=nnx.with_partitioning(init, axes),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[-1:]),
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
   )
 
 
@@ -62,7 +62,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   if d % 2:
     raise ValueError(f"RoPE needs an even head_dim, got {d}")
   freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
-  angles = positions.astype(jnp.float32)[..., None] * freqs      # [(B,) T, D/2]
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [(B,) T, D/2]
   if angles.ndim == 2:
     angles = angles[None]
   sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]

@@ -28,8 +28,8 @@ def layer_mixers(model: ConfigDict) -> list[str]:
     pattern = [model.attention]
   if model.num_layers % len(pattern):
     raise ValueError(
-        f"layer_pattern has {len(pattern)} entries, which does not divide "
-        f"num_layers={model.num_layers}"
+      f"layer_pattern has {len(pattern)} entries, which does not divide "
+      f"num_layers={model.num_layers}"
     )
   names = pattern * (model.num_layers // len(pattern))
   for name in set(names):
@@ -67,20 +67,22 @@ class Transformer(nnx.Module):
     self.remat = model.remat
     self.max_len = model.max_len
     self.embed = nnx.Embed(
-        model.vocab_size,
-        model.d_model,
-        embedding_init=nnx.with_partitioning(
-            nnx.initializers.normal(model.d_model**-0.5), ("vocab", "embed")
-        ),
-        dtype=self.dtype,
-        rngs=rngs,
+      model.vocab_size,
+      model.d_model,
+      embedding_init=nnx.with_partitioning(
+        nnx.initializers.normal(model.d_model**-0.5), ("vocab", "embed")
+      ),
+      dtype=self.dtype,
+      rngs=rngs,
     )
-    self.blocks = nnx.List(
-        [Block(model, name, rngs=rngs) for name in layer_mixers(model)]
-    )
+    self.blocks = nnx.List([Block(model, name, rngs=rngs) for name in layer_mixers(model)])
     self.final_norm = layers.RMSNorm(model.d_model, eps=model.norm_eps)
-    self.lm_head = None if model.tie_embeddings else layers.dense(
+    self.lm_head = (
+      None
+      if model.tie_embeddings
+      else layers.dense(
         model.d_model, model.vocab_size, ("embed", "vocab"), dtype=self.dtype, rngs=rngs
+      )
     )
 
   def _logits(self, x: jax.Array) -> jax.Array:
@@ -105,8 +107,8 @@ class Transformer(nnx.Module):
     """Empty decoding caches for every layer, plus the number of tokens seen."""
     max_len = max_len or self.max_len
     return {
-        "length": jnp.zeros((), jnp.int32),
-        "layers": [b.mixer.init_cache(batch, max_len, self.dtype) for b in self.blocks],
+      "length": jnp.zeros((), jnp.int32),
+      "layers": [b.mixer.init_cache(batch, max_len, self.dtype) for b in self.blocks],
     }
 
   def step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:

@@ -12,15 +12,14 @@ def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
 
 
 def resolve_implementation(
-    implementation: str | None, available: tuple[str, ...], op_name: str
+  implementation: str | None, available: tuple[str, ...], op_name: str
 ) -> str:
   """Maps `None` to the best available path and rejects unknown names."""
   if implementation is None:
     return "xla"
   if implementation not in available:
     raise ValueError(
-        f"{op_name}: unknown implementation {implementation!r}; "
-        f"choose one of {available} or None."
+      f"{op_name}: unknown implementation {implementation!r}; choose one of {available} or None."
     )
   return implementation
 

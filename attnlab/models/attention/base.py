@@ -34,8 +34,7 @@ class Mixer(nnx.Module):
     self.dtype = jnp.dtype(model.dtype)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"num_heads={self.num_heads} is not a multiple of "
-          f"num_kv_heads={self.num_kv_heads}"
+        f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
       )
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -12,16 +12,16 @@ from attnlab.models import layers
 from attnlab.models.attention import base, registry
 
 FEATURE_MAPS = {
-    "identity": lambda x: x,
-    "elu1": lambda x: jax.nn.elu(x) + 1.0,
-    "relu": jax.nn.relu,
+  "identity": lambda x: x,
+  "elu1": lambda x: jax.nn.elu(x) + 1.0,
+  "relu": jax.nn.relu,
 }
 
 
 @registry.register(
-    "linear",
-    options=dict(feature_map="elu1", normalize=True, chunk_size=64, implementation=None),
-    uses_rope=False,
+  "linear",
+  options=dict(feature_map="elu1", normalize=True, chunk_size=64, implementation=None),
+  uses_rope=False,
 )
 class LinearAttention(base.Mixer):
   """φ(q)·φ(k) attention (Katharopoulos et al., 2020); state [B,H,D,D]."""
@@ -30,13 +30,16 @@ class LinearAttention(base.Mixer):
     super().__init__(model, options, rngs=rngs)
     if options.feature_map not in FEATURE_MAPS:
       raise ValueError(
-          f"linear attention: unknown feature_map {options.feature_map!r}; "
-          f"choose from {sorted(FEATURE_MAPS)}"
+        f"linear attention: unknown feature_map {options.feature_map!r}; "
+        f"choose from {sorted(FEATURE_MAPS)}"
       )
     self.qkv = base.QKVProjection(self, model, use_rope=use_rope, rngs=rngs)
     self.out = layers.dense(
-        self.num_heads * self.head_dim, self.d_model, ("heads", "embed"),
-        dtype=self.dtype, rngs=rngs,
+      self.num_heads * self.head_dim,
+      self.d_model,
+      ("heads", "embed"),
+      dtype=self.dtype,
+      rngs=rngs,
     )
     self.feature_map = options.feature_map
     self.normalize = options.normalize
@@ -54,12 +57,14 @@ class LinearAttention(base.Mixer):
     b, t, _ = x.shape
     q, k, v = self._features(x, positions)
     o, state = ops.linear_attention(
-        q, k, v,
-        normalize=self.normalize,
-        initial_state=state,
-        output_final_state=True,
-        chunk_size=self.chunk_size,
-        implementation=self.implementation,
+      q,
+      k,
+      v,
+      normalize=self.normalize,
+      initial_state=state,
+      output_final_state=True,
+      chunk_size=self.chunk_size,
+      implementation=self.implementation,
     )
     return self.out(o.reshape(b, t, -1)), state
 

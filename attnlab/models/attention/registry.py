@@ -27,7 +27,7 @@ _VARIANTS: dict[str, Variant] = {}
 
 
 def register(
-    name: str, *, options: dict, uses_rope: bool, no_decay: tuple[str, ...] = ()
+  name: str, *, options: dict, uses_rope: bool, no_decay: tuple[str, ...] = ()
 ) -> Callable[[type], type]:
   """Class decorator adding a mixer to the registry."""
 
@@ -42,9 +42,7 @@ def register(
 
 def get(name: str) -> Variant:
   if name not in _VARIANTS:
-    raise ValueError(
-        f"unknown attention variant {name!r}; registered: {sorted(_VARIANTS)}"
-    )
+    raise ValueError(f"unknown attention variant {name!r}; registered: {sorted(_VARIANTS)}")
   return _VARIANTS[name]
 
 

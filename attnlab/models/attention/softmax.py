@@ -20,8 +20,11 @@ class SoftmaxAttention(base.Mixer):
     super().__init__(model, options, rngs=rngs)
     self.qkv = base.QKVProjection(self, model, use_rope=use_rope, rngs=rngs)
     self.out = layers.dense(
-        self.num_heads * self.head_dim, self.d_model, ("heads", "embed"),
-        dtype=self.dtype, rngs=rngs,
+      self.num_heads * self.head_dim,
+      self.d_model,
+      ("heads", "embed"),
+      dtype=self.dtype,
+      rngs=rngs,
     )
     self.implementation = options.implementation
 
@@ -43,6 +46,6 @@ class SoftmaxAttention(base.Mixer):
     k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), index)
     v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), index)
     o = ops.softmax_attention_cached(
-        q, k_cache, v_cache, start + t, implementation=self.implementation
+      q, k_cache, v_cache, start + t, implementation=self.implementation
     )
     return self.out(o.reshape(b, t, -1)), {"k": k_cache, "v": v_cache}

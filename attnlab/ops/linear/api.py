@@ -14,16 +14,16 @@ LinearState = jax.Array | tuple[jax.Array, jax.Array]
 
 
 def linear_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    normalize: bool = False,
-    scale: float | None = None,
-    initial_state: LinearState | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = 64,
-    implementation: str | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  normalize: bool = False,
+  scale: float | None = None,
+  initial_state: LinearState | None = None,
+  output_final_state: bool = False,
+  chunk_size: int = 64,
+  implementation: str | None = None,
 ) -> tuple[jax.Array, LinearState | None]:
   """Causal linear attention, o_t = scale · Σ_{s≤t} (q_t·k_s) v_s.
 
@@ -45,22 +45,20 @@ def linear_attention(
   """
   if q.ndim != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
     raise ValueError(
-        "linear_attention expects q, k [batch, time, heads, head_dim] of equal "
-        f"shape and v [batch, time, heads, head_dim_v]; got q{q.shape} "
-        f"k{k.shape} v{v.shape}"
+      "linear_attention expects q, k [batch, time, heads, head_dim] of equal "
+      f"shape and v [batch, time, heads, head_dim_v]; got q{q.shape} "
+      f"k{k.shape} v{v.shape}"
     )
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  impl = _dtypes.resolve_implementation(
-      implementation, tuple(_IMPLEMENTATIONS), "linear_attention"
-  )
+  impl = _dtypes.resolve_implementation(implementation, tuple(_IMPLEMENTATIONS), "linear_attention")
   return _IMPLEMENTATIONS[impl].linear_attention(
-      q,
-      k,
-      v,
-      normalize=normalize,
-      scale=scale,
-      initial_state=initial_state,
-      output_final_state=output_final_state,
-      chunk_size=chunk_size,
+    q,
+    k,
+    v,
+    normalize=normalize,
+    scale=scale,
+    initial_state=initial_state,
+    output_final_state=output_final_state,
+    chunk_size=chunk_size,
   )

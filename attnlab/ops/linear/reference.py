@@ -1,7 +1,7 @@
 """Oracle for causal linear attention: the explicit recurrence, one step at a time.
 
-    S_t = S_{t-1} + k_t v_tᵀ          z_t = z_{t-1} + k_t
-    o_t = scale · S_tᵀ q_t            (normalize: o_t = S_tᵀ q_t / (q_t · z_t))
+S_t = S_{t-1} + k_t v_tᵀ          z_t = z_{t-1} + k_t
+o_t = scale · S_tᵀ q_t            (normalize: o_t = S_tᵀ q_t / (q_t · z_t))
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from attnlab.ops import _dtypes
 
 
 def linear_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    normalize: bool = False,
-    scale: float | None = None,
-    initial_state=None,
-    output_final_state: bool = False,
-    chunk_size: int = 64,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  normalize: bool = False,
+  scale: float | None = None,
+  initial_state=None,
+  output_final_state: bool = False,
+  chunk_size: int = 64,
 ):
   del chunk_size  # the recurrence has no chunks
   dtype = _dtypes.compute_dtype(q, k, v)
@@ -38,7 +38,7 @@ def linear_attention(
 
   def step(carry, inputs):
     kv, z = carry
-    qt, kt, vt = inputs                                  # [B, H, D]
+    qt, kt, vt = inputs  # [B, H, D]
     kv = kv + jnp.einsum("bhd,bhe->bhde", kt, vt)
     z = z + kt
     num = jnp.einsum("bhd,bhde->bhe", qt, kv)

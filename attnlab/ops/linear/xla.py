@@ -20,15 +20,15 @@ def _split_chunks(x: jax.Array, chunk: int) -> jax.Array:
 
 
 def linear_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    normalize: bool = False,
-    scale: float | None = None,
-    initial_state=None,
-    output_final_state: bool = False,
-    chunk_size: int = 64,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  normalize: bool = False,
+  scale: float | None = None,
+  initial_state=None,
+  output_final_state: bool = False,
+  chunk_size: int = 64,
 ):
   dtype = _dtypes.compute_dtype(q, k, v)
   b, t, h, d = q.shape
@@ -37,10 +37,7 @@ def linear_attention(
   chunk = max(1, min(chunk_size, t))
   pad = -t % chunk
   # Zero padding at the end is harmless: padded keys/values add nothing.
-  q, k, v = (
-      jnp.pad(a.astype(dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
-      for a in (q, k, v)
-  )
+  q, k, v = (jnp.pad(a.astype(dtype), ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
   qc, kc, vc = (_split_chunks(a, chunk) for a in (q, k, v))
 
   if initial_state is None:
@@ -56,16 +53,16 @@ def linear_attention(
   scores = jnp.where(causal, scores, 0.0)
   intra = jnp.einsum("bnhqs,bnshe->bnqhe", scores, vc)
 
-  chunk_kv = jnp.einsum("bnshd,bnshe->bnhde", kc, vc)      # [B, N, H, D, Dv]
+  chunk_kv = jnp.einsum("bnshd,bnshe->bnhde", kc, vc)  # [B, N, H, D, Dv]
   kv_before = kv0[:, None] + jnp.cumsum(chunk_kv, axis=1) - chunk_kv
   inter = jnp.einsum("bnqhd,bnhde->bnqhe", qc, kv_before)
   numerator = intra + inter
 
   if normalize:
-    chunk_z = kc.sum(axis=2)                               # [B, N, H, D]
+    chunk_z = kc.sum(axis=2)  # [B, N, H, D]
     z_before = z0[:, None] + jnp.cumsum(chunk_z, axis=1) - chunk_z
     denominator = scores.sum(axis=-1).transpose(0, 1, 3, 2) + jnp.einsum(
-        "bnqhd,bnhd->bnqh", qc, z_before
+      "bnqhd,bnhd->bnqh", qc, z_before
     )
     # Padded rows have a zero denominator; keep them finite so their (unused)
     # gradients do not turn into NaN.

@@ -13,8 +13,8 @@ _IMPLEMENTATIONS = {"xla": xla, "reference": reference}
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, logit_scale) -> None:
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(
-        "softmax_attention expects [batch, time, heads, head_dim] arrays; got "
-        f"q{q.shape} k{k.shape} v{v.shape}"
+      "softmax_attention expects [batch, time, heads, head_dim] arrays; got "
+      f"q{q.shape} k{k.shape} v{v.shape}"
     )
   if k.shape[:3] != v.shape[:3]:
     raise ValueError(f"k{k.shape} and v{v.shape} disagree on batch/time/heads")
@@ -22,24 +22,22 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, logit_scale) -> None:
     raise ValueError(f"q{q.shape} and k{k.shape} disagree on head_dim")
   if q.shape[2] % k.shape[2]:
     raise ValueError(
-        f"query heads ({q.shape[2]}) must be a multiple of kv heads "
-        f"({k.shape[2]}) for GQA"
+      f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]}) for GQA"
     )
   if logit_scale is not None and logit_scale.shape != q.shape[:3]:
     raise ValueError(
-        f"logit_scale must be [batch, time, heads] = {q.shape[:3]}, "
-        f"got {logit_scale.shape}"
+      f"logit_scale must be [batch, time, heads] = {q.shape[:3]}, got {logit_scale.shape}"
     )
 
 
 def softmax_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    scale: float | None = None,
-    logit_scale: jax.Array | None = None,
-    implementation: str | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float | None = None,
+  logit_scale: jax.Array | None = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   """Causal softmax attention with GQA.
 
@@ -58,26 +56,24 @@ def softmax_attention(
   _check(q, k, v, logit_scale)
   if q.shape[1] != k.shape[1]:
     raise ValueError(
-        f"q has {q.shape[1]} steps but k has {k.shape[1]}; use "
-        "softmax_attention_cached for queries against a cache"
+      f"q has {q.shape[1]} steps but k has {k.shape[1]}; use "
+      "softmax_attention_cached for queries against a cache"
     )
   impl = _dtypes.resolve_implementation(
-      implementation, tuple(_IMPLEMENTATIONS), "softmax_attention"
+    implementation, tuple(_IMPLEMENTATIONS), "softmax_attention"
   )
-  return _IMPLEMENTATIONS[impl].softmax_attention(
-      q, k, v, scale=scale, logit_scale=logit_scale
-  )
+  return _IMPLEMENTATIONS[impl].softmax_attention(q, k, v, scale=scale, logit_scale=logit_scale)
 
 
 def softmax_attention_cached(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    cache_length: jax.Array | int,
-    *,
-    scale: float | None = None,
-    logit_scale: jax.Array | None = None,
-    implementation: str | None = None,
+  q: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  cache_length: jax.Array | int,
+  *,
+  scale: float | None = None,
+  logit_scale: jax.Array | None = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   """New queries against a KV cache (prefill chunks and decoding).
 
@@ -96,8 +92,8 @@ def softmax_attention_cached(
   """
   _check(q, k_cache, v_cache, logit_scale)
   impl = _dtypes.resolve_implementation(
-      implementation, tuple(_IMPLEMENTATIONS), "softmax_attention_cached"
+    implementation, tuple(_IMPLEMENTATIONS), "softmax_attention_cached"
   )
   return _IMPLEMENTATIONS[impl].softmax_attention_cached(
-      q, k_cache, v_cache, cache_length, scale=scale, logit_scale=logit_scale
+    q, k_cache, v_cache, cache_length, scale=scale, logit_scale=logit_scale
   )

@@ -13,13 +13,13 @@ from attnlab.ops import _dtypes
 
 
 def softmax_attention_cached(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    cache_length: jax.Array | int,
-    *,
-    scale: float | None = None,
-    logit_scale: jax.Array | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  cache_length: jax.Array | int,
+  *,
+  scale: float | None = None,
+  logit_scale: jax.Array | None = None,
 ) -> jax.Array:
   """Queries at positions `cache_length - Tq .. cache_length - 1` over a cache.
 
@@ -42,9 +42,9 @@ def softmax_attention_cached(
     position = cache_length - tq + t
     heads = []
     for head in range(h):
-      qt = q[:, t, head].astype(dtype)                     # [B, D]
-      kh = k[:, :, head // group].astype(dtype)            # [B, S, D]
-      vh = v[:, :, head // group].astype(dtype)            # [B, S, Dv]
+      qt = q[:, t, head].astype(dtype)  # [B, D]
+      kh = k[:, :, head // group].astype(dtype)  # [B, S, D]
+      vh = v[:, :, head // group].astype(dtype)  # [B, S, Dv]
       logits = jnp.einsum("bd,bsd->bs", qt, kh) * scale
       if logit_scale is not None:
         logits = logits * logit_scale[:, t, head, None].astype(dtype)
@@ -56,14 +56,12 @@ def softmax_attention_cached(
 
 
 def softmax_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    scale: float | None = None,
-    logit_scale: jax.Array | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float | None = None,
+  logit_scale: jax.Array | None = None,
 ) -> jax.Array:
   """Causal attention over one sequence: [B,T,H,D] x [B,T,Hkv,D] -> [B,T,H,Dv]."""
-  return softmax_attention_cached(
-      q, k, v, q.shape[1], scale=scale, logit_scale=logit_scale
-  )
+  return softmax_attention_cached(q, k, v, q.shape[1], scale=scale, logit_scale=logit_scale)

@@ -9,13 +9,13 @@ from attnlab.ops import _dtypes
 
 
 def softmax_attention_cached(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    cache_length: jax.Array | int,
-    *,
-    scale: float | None = None,
-    logit_scale: jax.Array | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  cache_length: jax.Array | int,
+  *,
+  scale: float | None = None,
+  logit_scale: jax.Array | None = None,
 ) -> jax.Array:
   """See `attnlab.ops.softmax_attention_cached`."""
   dtype = _dtypes.compute_dtype(q, k, v)
@@ -38,13 +38,11 @@ def softmax_attention_cached(
 
 
 def softmax_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    scale: float | None = None,
-    logit_scale: jax.Array | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float | None = None,
+  logit_scale: jax.Array | None = None,
 ) -> jax.Array:
-  return softmax_attention_cached(
-      q, k, v, q.shape[1], scale=scale, logit_scale=logit_scale
-  )
+  return softmax_attention_cached(q, k, v, q.shape[1], scale=scale, logit_scale=logit_scale)
