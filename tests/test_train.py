@@ -131,6 +131,15 @@ def test_sharded_step_on_8_devices_equals_single_device(tmp_path):
   la, lb = _loss_by_step(str(tmp_path / "single")), _loss_by_step(str(tmp_path / "sharded"))
   np.testing.assert_allclose([lb[s] for s in (1, 2, 3)], [la[s] for s in (1, 2, 3)], rtol=2e-5)
   np.testing.assert_allclose(b["eval/loss"], a["eval/loss"], rtol=2e-5)
+  # Gradient accumulation over 2 microbatches with remat is the same step too.
+  accumulated = _tiny(
+    total_steps=3,
+    eval_every=3,
+    **{"optim.grad_accum_steps": 2, "model.remat": True, "mesh.data": 1},
+  )
+  trainer.train_and_evaluate(accumulated, str(tmp_path / "accumulated"))
+  lc = _loss_by_step(str(tmp_path / "accumulated"))
+  np.testing.assert_allclose([lc[s] for s in (1, 2, 3)], [la[s] for s in (1, 2, 3)], rtol=2e-5)
 
 
 def test_nan_guard_names_the_first_bad_step(tmp_path):
