@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 
-import ml_collections
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
@@ -106,7 +105,6 @@ def base_config() -> ConfigDict:
   d.text_key = "text"
   d.tokenizer = "byte"  # byte | path to a SentencePiece model
   d.prepare_from = placeholder(str)  # directory of .txt files to build from
-  d.shuffle_buffer_docs = True
 
   o = c.optim = ConfigDict()
   o.lr = 3e-3
@@ -126,7 +124,3 @@ def finalize(config: ConfigDict) -> ConfigDict:
   config.model.vocab_size = config.data.vocab_size
   config.lock()
   return config
-
-
-def as_config_dict(d: dict) -> ConfigDict:
-  return ml_collections.ConfigDict(d)
