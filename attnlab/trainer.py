@@ -41,6 +41,18 @@ def weighted_sums(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
   return {"ce": jnp.sum(ce * w), "correct": jnp.sum(correct * w), "weight": jnp.sum(w)}
 
 
+def layer_statistics(model: nnx.Module) -> dict[str, jax.Array]:
+  """Scalars the mixers sowed as nnx.Intermediate during the forward pass,
+  named 'layer_<i>/<name>' (e.g. NAtS-L's attention-block fraction)."""
+  stats = {}
+  for path, value in nnx.to_flat_state(nnx.pop(model, nnx.Intermediate)):
+    layer = next((p for p in path if isinstance(p, int)), None)
+    name = path[-1] if layer is None else f"layer_{layer}/{path[-1]}"
+    sown = value.get_value() if isinstance(value, nnx.Variable) else value
+    stats[name] = jnp.mean(jnp.asarray(sown))
+  return stats
+
+
 def _microbatches(batch: dict, count: int) -> dict:
   """[B, ...] -> [count, B/count, ...] for gradient accumulation."""
 
@@ -157,19 +169,23 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   def loss_sums(params, batch):
     model = nnx.merge(graphdef, params)
     sums = weighted_sums(model(batch["inputs"]), batch)
-    return sums["ce"], sums
+    return sums["ce"], (sums, layer_statistics(model))
 
   def train_step(state, batch):
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
     def accumulate(carry, microbatch):
       grads, totals = carry
-      (_, sums), g = grad_fn(state["params"], microbatch)
-      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, sums)), None
+      (_, aux), g = grad_fn(state["params"], microbatch)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, aux)), None
 
+    microbatches = _microbatches(batch, accum)
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    totals0 = {k: jnp.zeros((), jnp.float32) for k in ("ce", "correct", "weight")}
-    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals0), _microbatches(batch, accum))
+    aux_shape = jax.eval_shape(
+      loss_sums, state["params"], jax.tree.map(lambda x: x[0], microbatches)
+    )[1]
+    totals0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape)
+    (grads, (totals, stats)), _ = jax.lax.scan(accumulate, (zeros, totals0), microbatches)
     weight = jnp.maximum(totals["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -183,11 +199,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
       "train/accuracy": totals["correct"] / weight,
       "train/grad_norm": optax.global_norm(grads),
       "train/lr": optim.learning_rate_schedule(config.optim, config.total_steps)(state["step"]),
+      **{f"train/{name}": value / accum for name, value in stats.items()},
     }
     return new_state, step_metrics
 
   def eval_step(params, batch):
-    return loss_sums(params, batch)[1]
+    return loss_sums(params, batch)[1][0]
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))

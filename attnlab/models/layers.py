@@ -81,3 +81,36 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class ShortConv(nnx.Module):
+  """Causal depthwise conv over time, then SiLU: [B, T, C] -> [B, T, C].
+
+  The decoding state is the last `kernel_size - 1` inputs, [B, kernel_size - 1, C].
+  """
+
+  def __init__(self, channels: int, kernel_size: int, *, axis: str | None, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.02)
+    self.kernel = nnx.Param(
+      init(rngs.params(), (kernel_size, channels), jnp.float32), out_sharding=(None, axis)
+    )
+    self.kernel_size = kernel_size
+
+  def init_state(self, batch: int, dtype: jnp.dtype) -> jax.Array:
+    return jnp.zeros((batch, self.kernel_size - 1, self.kernel.shape[1]), dtype)
+
+  def __call__(self, x: jax.Array, state: jax.Array | None = None):
+    """x [B, T, C], state [B, K-1, C] or None -> (y [B, T, C], new state)."""
+    t = x.shape[1]
+    if state is None:
+      state = self.init_state(x.shape[0], x.dtype)
+    padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
+    w = self.kernel[...].astype(x.dtype)
+    y = sum(padded[:, i : i + t] * w[i] for i in range(self.kernel_size))
+    return jax.nn.silu(y), padded[:, t:]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(Σx² + eps) over the last axis, in float32."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.sum(x32**2, axis=-1, keepdims=True) + eps)).astype(x.dtype)

@@ -7,7 +7,16 @@ path for the backend; 'xla' is the pure-jnp path and 'reference' the slow
 oracle used in tests.
 """
 
+from attnlab.ops.gated_delta.api import gated_delta_rule
 from attnlab.ops.linear.api import linear_attention
+from attnlab.ops.nats_l.api import block_gated_delta_rule, block_sparse_softmax
 from attnlab.ops.softmax.api import softmax_attention, softmax_attention_cached
 
-__all__ = ["linear_attention", "softmax_attention", "softmax_attention_cached"]
+__all__ = [
+  "block_gated_delta_rule",
+  "block_sparse_softmax",
+  "gated_delta_rule",
+  "linear_attention",
+  "softmax_attention",
+  "softmax_attention_cached",
+]

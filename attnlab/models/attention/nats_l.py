@@ -1,0 +1,244 @@
+"""NAtS-L: token-level hybrid of Gated DeltaNet and softmax attention
+(Deng, Winje, Fehring & Lindauer, 2026; automl/NeuralAttentionSearchLinear).
+
+One set of conv'd q/k/v projections is viewed twice: as H Gated DeltaNet
+heads (q, k L2-normalised, head dims dk / dv) and as Ha = H·r softmax heads
+(qk-RMSNorm, NoPE, dims key_dim/Ha and value_dim/Ha). Each block of
+`block_size` tokens gets a type per NAtS head (= delta head, controlling r
+softmax heads) from its mean-pooled input:
+
+    types = one_hot(argmax(W_s · mean(x_block)))     index 0 = attention, 1 = delta
+
+trained with a softmax straight-through estimator. As in the official
+kernels, only the chosen option passes gradient back, and the delta option's
+gradient ⟨dS_end, ΔS_block⟩ is divided by the block size. Attention-typed
+blocks stay visible to later softmax queries; delta-typed blocks are written
+into the recurrent state (which decays through every block); every query sees
+its own block through both operators. The outputs merge as
+
+    y = W_o ((w_δ·RMSNorm₁(o_δ) + w_a·RMSNorm₂(o_a)) ⊙ swish(W_g x)),  w = softmax(W_w q)
+
+with q the conv'd q before normalisation.
+
+Decisions where the released code leaves room: there is no sparsity
+regulariser (the released code has none); the attention-block fraction is
+logged over all blocks, including an incomplete last one; the scorer and the
+merge-weight projection are bias-free like every other projection here.
+
+Decoding keeps the block-aware cache: compacted per-head KV slots holding only
+attention-typed blocks plus the current one (valid because the softmax path
+is NoPE), the running delta state and its snapshot at the block start, the
+block's summed input (for the type decision when it completes) and its summed
+log decay (to roll a block back when it turns out attention-typed).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from attnlab import ops
+from attnlab.models import layers
+from attnlab.models.attention import base, gated_deltanet, registry
+
+ATTENTION, DELTA = 0, 1  # option order of the block types
+
+
+def block_means(x: jax.Array, block_size: int) -> jax.Array:
+  """[B, T, D] -> [B, N, D] per-block means; an incomplete last block uses its real length."""
+  b, t, d = x.shape
+  n = -(-t // block_size)
+  sums = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block_size - t), (0, 0)))
+  sums = sums.reshape(b, n, block_size, d).sum(axis=2)
+  counts = jnp.minimum(block_size, t - block_size * jnp.arange(n))
+  return sums / counts[None, :, None]
+
+
+def straight_through_types(logits: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+  """[..., 2] scorer logits -> (gates, hard one-hot).
+
+  Forward: the hard one-hot. Backward: the softmax Jacobian, fed only by the
+  chosen option's gradient, with the delta option's divided by block_size.
+  """
+  soft = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), 2, dtype=jnp.float32)
+  types = hard + soft - jax.lax.stop_gradient(soft)
+  multiplier = hard * jnp.array([1.0, 1.0 / block_size])
+  frozen = jax.lax.stop_gradient(types)
+  return frozen + multiplier * (types - frozen), hard
+
+
+@registry.register(
+  "nats_l",
+  options=dict(
+    num_heads=0,  # 0: the trunk's num_heads (delta heads = NAtS heads)
+    head_dim=0,  # 0: the trunk's head_dim (delta key dim)
+    num_attn_heads=0,  # 0: twice num_heads, as in the paper's configs
+    expand_v=2.0,
+    conv_size=4,
+    allow_neg_eigval=False,
+    block_size=64,
+    implementation=None,
+  ),
+  uses_rope=False,
+  no_decay=("A_log", "dt_bias"),
+)
+class NAtSL(base.Mixer):
+  """NAtS-L mixer: [B, T, d_model] -> [B, T, d_model]."""
+
+  def __init__(self, model: ConfigDict, options: ConfigDict, *, use_rope: bool, rngs: nnx.Rngs):
+    del use_rope  # the softmax path is NoPE; the delta path needs no positions
+    super().__init__(model, options, rngs=rngs)
+    delta_options = ConfigDict(dict(options, num_v_heads=0))
+    self.heads, self.head_k, _, self.head_v = gated_deltanet._head_geometry(model, delta_options)
+    self.attn_heads = options.num_attn_heads or 2 * self.heads
+    key_dim, value_dim = self.heads * self.head_k, self.heads * self.head_v
+    if self.attn_heads % self.heads or key_dim % self.attn_heads or value_dim % self.attn_heads:
+      raise ValueError(
+        f"nats_l: num_attn_heads={self.attn_heads} must be a multiple of num_heads="
+        f"{self.heads} and divide key_dim={key_dim} and value_dim={value_dim}"
+      )
+    self.attn_k, self.attn_v = key_dim // self.attn_heads, value_dim // self.attn_heads
+    d, dt = model.d_model, self.dtype
+    self.inputs = gated_deltanet.DeltaInputs(model, delta_options, rngs=rngs)
+    self.scorer = layers.dense(d, 2 * self.heads, ("embed", None), dtype=jnp.float32, rngs=rngs)
+    self.merge = layers.dense(key_dim, 2 * self.attn_heads, ("heads", None), dtype=dt, rngs=rngs)
+    self.q_norm = layers.RMSNorm(self.attn_k, eps=model.norm_eps)
+    self.k_norm = layers.RMSNorm(self.attn_k, eps=model.norm_eps)
+    self.delta_norm = layers.RMSNorm(self.attn_v, eps=model.norm_eps)
+    self.attn_norm = layers.RMSNorm(self.attn_v, eps=model.norm_eps)
+    self.g_proj = layers.dense(d, value_dim, ("embed", "heads"), dtype=dt, rngs=rngs)
+    self.o_proj = layers.dense(value_dim, d, ("heads", "embed"), dtype=dt, rngs=rngs)
+    self.block_size = options.block_size
+    self.implementation = options.implementation
+
+  def _views(self, x: jax.Array, conv_states):
+    """Both head views of the shared projections, for every token of x."""
+    b, t, _ = x.shape
+    q, k, v, g, beta, conv = self.inputs(x, conv_states)
+    delta = (
+      layers.l2_normalize(q.reshape(b, t, self.heads, self.head_k)),
+      layers.l2_normalize(k.reshape(b, t, self.heads, self.head_k)),
+      v.reshape(b, t, self.heads, self.head_v),
+      g,
+      beta,
+    )
+    attn = (
+      self.q_norm(q.reshape(b, t, self.attn_heads, self.attn_k)),
+      self.k_norm(k.reshape(b, t, self.attn_heads, self.attn_k)),
+      v.reshape(b, t, self.attn_heads, self.attn_v),
+    )
+    merge = jax.nn.softmax(
+      self.merge(q).astype(jnp.float32).reshape(b, t, self.attn_heads, 2), axis=-1
+    )
+    return delta, attn, merge, conv
+
+  def _output(self, x: jax.Array, o_delta: jax.Array, o_attn: jax.Array, merge: jax.Array):
+    b, t, _ = x.shape
+    o_delta = o_delta.reshape(b, t, self.attn_heads, self.attn_v)
+    y = merge[..., :1] * self.delta_norm(o_delta) + merge[..., 1:] * self.attn_norm(o_attn)
+    gate = self.g_proj(x).reshape(y.shape).astype(jnp.float32)
+    y = (y * jax.nn.silu(gate)).astype(self.dtype)
+    return self.o_proj(y.reshape(b, t, -1))
+
+  def block_types(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, D] -> (straight-through gates, hard one-hot), both [B, N, H, 2]."""
+    logits = self.scorer(block_means(x, self.block_size))
+    return straight_through_types(logits.reshape(*logits.shape[:2], self.heads, 2), self.block_size)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, T, d_model] -> [B, T, d_model] (parallel form)."""
+    delta, attn, merge, _ = self._views(x, None)
+    gates, hard = self.block_types(x)
+    group = self.attn_heads // self.heads
+    o_delta = ops.block_gated_delta_rule(
+      *delta,
+      gates[..., DELTA],
+      block_size=self.block_size,
+      implementation=self.implementation,
+    )
+    o_attn = ops.block_sparse_softmax(
+      *attn,
+      jnp.repeat(gates[..., ATTENTION], group, axis=2),
+      block_size=self.block_size,
+      implementation=self.implementation,
+    )
+    self.sow(nnx.Intermediate, "attn_block_fraction", jnp.mean(hard[..., ATTENTION]))
+    return self._output(x, o_delta, o_attn, merge)
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict:
+    slots = -(-max_len // self.block_size)
+    kv = (batch, slots, self.block_size, self.attn_heads)
+    state = jnp.zeros((batch, self.heads, self.head_k, self.head_v), jnp.float32)
+    return {
+      "conv": self.inputs.init_conv_states(batch, dtype),
+      "state": state,
+      "block_start_state": state,
+      "block_log_decay": jnp.zeros((batch, self.heads), jnp.float32),
+      "block_input_sum": jnp.zeros((batch, self.d_model), jnp.float32),
+      "k": jnp.zeros((*kv, self.attn_k), dtype),
+      "v": jnp.zeros((*kv, self.attn_v), dtype),
+      "num_attn_blocks": jnp.zeros((batch, self.attn_heads), jnp.int32),
+    }
+
+  def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+    """Token-by-token recurrence over x [B, t, D] with the block-aware cache."""
+    delta, attn, merge, conv = self._views(x, cache["conv"])
+    size, group = self.block_size, self.attn_heads // self.heads
+    scorer = self.scorer.kernel[...]
+    slots = cache["k"].shape[1]
+    slot_ids = jnp.arange(slots)[None, :, None]  # [1, S, 1]
+    offsets = jnp.arange(size)
+    attn_scale = self.attn_k**-0.5
+
+    def one_token(carry, inputs):
+      qd, kd, vd, gd, bd, qa, ka, va, xt, pos = inputs
+      offset = pos % size
+      o_delta, state = ops.gated_delta_rule(
+        qd[:, None], kd[:, None], vd[:, None], gd[:, None], bd[:, None],
+        initial_state=carry["state"], output_final_state=True, implementation="reference",
+      )  # fmt: skip
+      o_delta = o_delta[:, 0]
+
+      # Write this token into the head's current slot, then attend.
+      current = slot_ids == carry["num_attn_blocks"][:, None, :]  # [B, S, Ha]
+      here = current[:, :, None, :, None] & (offsets == offset)[None, None, :, None, None]
+      k_slots = jnp.where(here, ka[:, None, None].astype(carry["k"].dtype), carry["k"])
+      v_slots = jnp.where(here, va[:, None, None].astype(carry["v"].dtype), carry["v"])
+      earlier = slot_ids < carry["num_attn_blocks"][:, None, :]
+      visible = earlier[:, :, None, :] | (
+        current[:, :, None, :] & (offsets <= offset)[None, None, :, None]
+      )
+      logits = jnp.einsum("bhd,bschd->bsch", qa.astype(jnp.float32), k_slots.astype(jnp.float32))
+      logits = jnp.where(visible, logits * attn_scale, -jnp.inf)
+      p = jax.nn.softmax(logits.reshape(logits.shape[0], -1, self.attn_heads), axis=1)
+      o_attn = jnp.einsum("bnh,bnhd->bhd", p, v_slots.reshape(*p.shape, -1).astype(jnp.float32))
+
+      # Close the block: decide its type, keep or roll back its delta write.
+      log_decay = carry["block_log_decay"] + gd
+      input_sum = carry["block_input_sum"] + xt.astype(jnp.float32)
+      logits_type = (input_sum / size) @ scorer
+      is_attn = jnp.argmax(logits_type.reshape(-1, self.heads, 2), axis=-1) == ATTENTION
+      decayed = jnp.exp(log_decay)[..., None, None] * carry["block_start_state"]
+      closed = jnp.where(is_attn[..., None, None], decayed, state)
+      end = offset == size - 1
+      new = {
+        "state": jnp.where(end, closed, state),
+        "block_start_state": jnp.where(end, closed, carry["block_start_state"]),
+        "block_log_decay": jnp.where(end, 0.0, log_decay),
+        "block_input_sum": jnp.where(end, 0.0, input_sum),
+        "k": k_slots,
+        "v": v_slots,
+        "num_attn_blocks": carry["num_attn_blocks"]
+        + (end & jnp.repeat(is_attn, group, axis=1)).astype(jnp.int32),
+      }
+      return new, (o_delta, o_attn)
+
+    carry = {key: value for key, value in cache.items() if key != "conv"}
+    positions = start + jnp.arange(x.shape[1])
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (*delta, *attn, x)) + (positions,)
+    carry, (o_delta, o_attn) = jax.lax.scan(one_token, carry, xs)
+    o_delta, o_attn = (jnp.moveaxis(a, 0, 1) for a in (o_delta, o_attn))
+    return self._output(x, o_delta, o_attn, merge), {**carry, "conv": conv}

@@ -1,0 +1,126 @@
+"""NAtS-L's block-routed operators (Deng et al., 2026), with dispatch.
+
+The sequence is cut into blocks of `block_size` tokens and every (batch,
+block, head) has a type: softmax attention or gated delta rule. A block's
+type matters only to later blocks, so both operators stay causal:
+
+* `block_sparse_softmax`: each query sees all keys of earlier blocks typed
+  attention plus its own block's causal prefix.
+* `block_gated_delta_rule`: only complete delta-typed blocks write into the
+  state, the decay runs through every block, and each query also runs the
+  delta rule over its own block's prefix, starting from the current state.
+
+Types enter as gates in [0, 1] (hard 0/1 in the forward pass), so a
+straight-through estimator upstream gets d(loss)/d(gate): for a softmax gate
+that is the sum of the score gradients over the block's key columns, for a
+delta gate ⟨dS_end, ΔS_block⟩.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.ops import _dtypes
+from attnlab.ops.nats_l import reference, xla
+
+_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+
+
+def _num_blocks(t: int, block_size: int) -> int:
+  if block_size < 1:
+    raise ValueError(f"block_size must be positive, got {block_size}")
+  return -(-t // block_size)
+
+
+def _check_gate(name: str, gate: jax.Array, q: jax.Array, heads: int, block_size: int) -> None:
+  expected = (q.shape[0], _num_blocks(q.shape[1], block_size), heads)
+  if gate.shape != expected:
+    raise ValueError(f"{name} must be [batch, num_blocks, heads] = {expected}, got {gate.shape}")
+
+
+def block_gated_delta_rule(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  g: jax.Array,
+  beta: jax.Array,
+  block_write: jax.Array,
+  *,
+  block_size: int = 64,
+  scale: float | None = None,
+  implementation: str | None = None,
+) -> jax.Array:
+  """Gated delta rule whose state is written only by delta-typed blocks.
+
+  Args:
+    q, k: [batch, time, heads, head_dim] (L2-normalised by the caller).
+    v: [batch, time, heads, head_dim_v]
+    g: [batch, time, heads] log decay (≤ 0). beta: [batch, time, heads].
+    block_write: [batch, ceil(time / block_size), heads] gate of each block's
+      write into the state (1 = delta-typed). An incomplete last block never
+      writes.
+    block_size: tokens per block.
+    scale: default head_dim**-0.5.
+    implementation: None, 'xla' (chunked) or 'reference' (recurrence).
+
+  Returns:
+    o [batch, time, heads, head_dim_v] in q.dtype.
+  """
+  if q.ndim != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+    raise ValueError(
+      f"expected q, k [B,T,H,K] and v [B,T,H,V]; got q{q.shape} k{k.shape} v{v.shape}"
+    )
+  if g.shape != q.shape[:3] or beta.shape != q.shape[:3]:
+    raise ValueError(f"g and beta must be [batch, time, heads] = {q.shape[:3]}")
+  _check_gate("block_write", block_write, q, q.shape[2], block_size)
+  impl = _dtypes.resolve_implementation(
+    implementation, tuple(_IMPLEMENTATIONS), "block_gated_delta_rule"
+  )
+  dtype = _dtypes.compute_dtype(q, k, v)
+  o = _IMPLEMENTATIONS[impl].block_gated_delta_rule(
+    *(jnp.asarray(a, dtype) for a in (q, k, v, g, beta, block_write)),
+    block_size=block_size,
+    scale=_dtypes.default_scale(q.shape[-1], scale),
+  )
+  return o.astype(q.dtype)
+
+
+def block_sparse_softmax(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  block_visible: jax.Array,
+  *,
+  block_size: int = 64,
+  scale: float | None = None,
+  implementation: str | None = None,
+) -> jax.Array:
+  """Causal softmax over earlier attention-typed blocks plus the own block.
+
+  Args:
+    q, k: [batch, time, heads, head_dim]; v: [batch, time, heads, head_dim_v].
+    block_visible: [batch, ceil(time / block_size), heads] multiplicative
+      weight of each block's keys for later queries (1 = attention-typed).
+    block_size: tokens per block.
+    scale: default head_dim**-0.5.
+    implementation: None, 'xla' (dense mask) or 'reference' (per query).
+
+  Returns:
+    o [batch, time, heads, head_dim_v] in q.dtype.
+  """
+  if q.ndim != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+    raise ValueError(
+      f"expected q, k [B,T,H,D] and v [B,T,H,Dv]; got q{q.shape} k{k.shape} v{v.shape}"
+    )
+  _check_gate("block_visible", block_visible, q, q.shape[2], block_size)
+  impl = _dtypes.resolve_implementation(
+    implementation, tuple(_IMPLEMENTATIONS), "block_sparse_softmax"
+  )
+  dtype = _dtypes.compute_dtype(q, k, v)
+  o = _IMPLEMENTATIONS[impl].block_sparse_softmax(
+    *(jnp.asarray(a, dtype) for a in (q, k, v, block_visible)),
+    block_size=block_size,
+    scale=_dtypes.default_scale(q.shape[-1], scale),
+  )
+  return o.astype(q.dtype)

@@ -1,0 +1,59 @@
+"""Oracles for NAtS-L's operators: explicit per-token recurrences.
+
+The delta-rule oracle keeps the state at the start of the current block and
+a running state; at a block's end the state becomes
+e^{Σg} S_start + m (S_running − e^{Σg} S_start), i.e. the block's write is
+kept with gate m and the decay always applies. The softmax oracle handles one
+query at a time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.ops import _delta_chunks
+
+
+def block_gated_delta_rule(q, k, v, g, beta, block_write, *, block_size, scale):
+  b, t, h, dk = q.shape
+  steps = jnp.arange(t)
+  gate = block_write[:, steps // block_size]  # [B, T, H]
+  ends = (steps % block_size) == block_size - 1
+
+  def step(carry, inputs):
+    start_state, state, log_decay = carry
+    qt, kt, vt, gt, bt, mt, end = inputs
+    state, o = _delta_chunks.recurrent_step(state, qt, kt, vt, gt, bt, scale)
+    log_decay = log_decay + gt
+    decayed = jnp.exp(log_decay)[..., None, None] * start_state
+    closed = decayed + mt[..., None, None] * (state - decayed)
+    start_state = jnp.where(end, closed, start_state)
+    state = jnp.where(end, closed, state)
+    log_decay = jnp.where(end, 0.0, log_decay)
+    return (start_state, state, log_decay), o
+
+  zeros = jnp.zeros((b, h, dk, v.shape[-1]), q.dtype)
+  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, gate)) + (ends,)
+  _, out = jax.lax.scan(step, (zeros, zeros, jnp.zeros((b, h), q.dtype)), xs)
+  return jnp.moveaxis(out, 0, 1)
+
+
+def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale):
+  t = q.shape[1]
+  block = jnp.arange(t) // block_size
+  key_gate = block_visible[:, block]  # [B, T(key), H]
+
+  def one_query(_, i):
+    logits = jnp.einsum("bhd,bshd->bsh", q[:, i], k) * scale  # [B, T, H]
+    own = (block == block[i]) & (jnp.arange(t) <= i)
+    weight = jnp.where(
+      own[None, :, None], 1.0, jnp.where((block < block[i])[None, :, None], key_gate, 0.0)
+    )
+    logits = jnp.where(weight > 0, logits, -jnp.inf)
+    p = weight * jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=1, keepdims=True)))
+    p = p / p.sum(axis=1, keepdims=True)
+    return None, jnp.einsum("bsh,bshd->bhd", p, v)
+
+  _, out = jax.lax.scan(one_query, None, jnp.arange(t))
+  return jnp.moveaxis(out, 0, 1)
