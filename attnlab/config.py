@@ -119,6 +119,40 @@ def base_config() -> ConfigDict:
   return c
 
 
+def pretraining(config: ConfigDict, *, tokenizer: str, dataset: str) -> ConfigDict:
+  """Shared settings of the ~1B pretraining configs: a TFDS text dataset,
+  bf16 compute, remat, FSDP within a slice, 2M-token steps, AdamW 4e-4."""
+  c = config
+  c.total_steps = 50_000  # ~100B tokens at 2M tokens per step
+  c.log_every = 50
+  c.eval_every = 1000
+  c.eval_batches = 20
+  c.checkpoint_every = 1000
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.model.tie_embeddings = False
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.model.max_len = 2048
+
+  d = c.data
+  d.task = "tfds"
+  d.tfds_name = dataset
+  d.train_split = "train"
+  d.eval_split = "validation"
+  d.tokenizer = tokenizer
+  d.vocab_size = 32000
+  d.seq_len = 2048
+  d.batch_size = 1024
+  d.eval_batch_size = 256
+
+  o = c.optim
+  o.lr = 4e-4
+  o.warmup_steps = 2000
+  o.weight_decay = 0.1
+  o.min_lr_ratio = 0.1
+  return c
+
+
 def finalize(config: ConfigDict) -> ConfigDict:
   """Ties values that must agree (model vocab = data vocab) and locks."""
   config.model.vocab_size = config.data.vocab_size

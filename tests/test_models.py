@@ -25,41 +25,70 @@ def _model_config(**overrides):
 def _decode_all(model, tokens, prefill):
   """Prefill `prefill` tokens in one step, then decode the rest one by one."""
   cache = model.init_cache(tokens.shape[0], tokens.shape[1] + 3)
-  logits, cache = model.step(tokens[:, :prefill], cache)
+  step = nnx.jit(lambda model, tokens, cache: model.step(tokens, cache))
+  logits, cache = step(model, tokens[:, :prefill], cache)
   parts = [logits]
   for t in range(prefill, tokens.shape[1]):
-    logits, cache = model.step(tokens[:, t : t + 1], cache)
+    logits, cache = step(model, tokens[:, t : t + 1], cache)
     parts.append(logits)
   assert int(cache["length"]) == tokens.shape[1]
   return jnp.concatenate(parts, axis=1)
 
 
+# name: (trunk overrides, {variant: option overrides})
 CASES = {
-  "softmax": dict(attention="softmax"),
-  "softmax_gqa_qknorm": dict(attention="softmax", num_kv_heads=2, qk_norm=True),
-  "softmax_nope": dict(attention="softmax", rope=False),
-  "linear_elu_normalized": dict(attention="linear"),
-  "linear_relu_gqa": dict(attention="linear", num_kv_heads=1),
-  "linear_identity_rope": dict(attention="linear", rope=True),
-  "mixed_pattern": dict(layer_pattern="softmax,linear", num_layers=4),
+  "softmax": (dict(attention="softmax"), {}),
+  "softmax_gqa_qknorm": (dict(attention="softmax", num_kv_heads=2, qk_norm=True), {}),
+  "softmax_nope": (dict(attention="softmax", rope=False), {}),
+  "linear_elu_normalized": (dict(attention="linear"), {}),
+  "linear_relu_gqa": (
+    dict(attention="linear", num_kv_heads=1),
+    {"linear": dict(feature_map="relu", normalize=False)},
+  ),
+  "linear_identity_rope": (
+    dict(attention="linear", rope=True),
+    {"linear": dict(feature_map="identity", normalize=False, chunk_size=4)},
+  ),
+  "mixed_pattern": (dict(layer_pattern="softmax,linear", num_layers=4), {}),
+  "gated_deltanet": (dict(attention="gated_deltanet"), {"gated_deltanet": dict(chunk_size=4)}),
+  "gated_deltanet_gva_neg_eigval": (
+    dict(attention="gated_deltanet"),
+    {"gated_deltanet": dict(num_heads=2, num_v_heads=4, allow_neg_eigval=True, chunk_size=8)},
+  ),
+  # Blocks of 4 tokens: a 9-token prompt spans several blocks of mixed types.
+  "nats_l": (dict(attention="nats_l"), {"nats_l": dict(block_size=4, num_heads=2)}),
+  "gated_deltanet_nats_l_pattern": (
+    dict(layer_pattern="gated_deltanet,nats_l", num_layers=4),
+    {"nats_l": dict(block_size=4)},
+  ),
 }
+
+
+def _case_config(case):
+  trunk, options = CASES[case]
+  cfg = _model_config(**trunk)
+  for variant, values in options.items():
+    cfg.mixer[variant].update(values)
+  return cfg
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_decoding_equals_parallel_logits(case):
-  cfg = _model_config(**CASES[case])
-  if case == "linear_relu_gqa":
-    cfg.mixer.linear.feature_map = "relu"
-    cfg.mixer.linear.normalize = False
-  if case == "linear_identity_rope":
-    cfg.mixer.linear.feature_map = "identity"
-    cfg.mixer.linear.normalize = False
-    cfg.mixer.linear.chunk_size = 4
-  model = build_model(cfg, nnx.Rngs(0))
+  model = build_model(_case_config(case), nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 23)))
   parallel = model(tokens)
   for prefill in (1, 9):
     np.testing.assert_allclose(_decode_all(model, tokens, prefill), parallel, atol=2e-5, rtol=2e-5)
+
+
+def test_nats_l_case_has_mixed_block_types():
+  """Guards the decoding test above: it must exercise both block types."""
+  model = build_model(_case_config("nats_l"), nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 23)))
+  block = model.blocks[0]
+  _, hard = block.mixer.block_types(block.attn_norm(model.embed(tokens)))
+  attention_typed = hard[:, :5, :, 0]  # the complete blocks
+  assert 0 < float(attention_typed.mean()) < 1
 
 
 def test_layer_pattern_builds_the_named_mixers():
@@ -107,8 +136,48 @@ def test_weight_decay_mask_exempts_norms_and_biases():
   )
 
 
+def test_weight_decay_mask_exempts_delta_decay_parameters():
+  model = build_model(_model_config(layer_pattern="gated_deltanet,nats_l"), nnx.Rngs(0))
+  mask = optim.decay_mask(nnx.state(model, nnx.Param))
+  flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  for name in ("A_log", "dt_bias"):
+    entries = [m for k, m in flat.items() if name in k]
+    assert len(entries) == 2 and not any(entries), name
+  for name in ("q_conv", "scorer", "merge", "a_proj", "g_proj"):
+    assert any(m for k, m in flat.items() if name in k), name
+
+
+def test_nats_l_straight_through_gradient_reaches_the_scorer():
+  from attnlab.models.attention import nats_l
+
+  cfg = _case_config("nats_l")
+  model = build_model(cfg, nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 23)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    return jnp.mean(nnx.merge(graphdef, params, rest)(tokens) ** 2)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  scorer = grads["blocks"][0]["mixer"]["scorer"]["kernel"][...]
+  assert bool(jnp.isfinite(scorer).all()) and float(jnp.abs(scorer).max()) > 1e-6
+
+  # The estimator: forward is the hard one-hot; backward is the softmax
+  # Jacobian applied to the chosen option's gradient (delta's divided by C).
+  logits = jnp.asarray([[1.0, -0.5], [0.2, 0.9]])
+  gates, hard = nats_l.straight_through_types(logits, block_size=4)
+  np.testing.assert_array_equal(gates, hard)
+  cot = jnp.asarray([[3.0, 5.0], [7.0, 11.0]])
+  _, vjp = jax.vjp(lambda x: nats_l.straight_through_types(x, 4)[0], logits)
+  (got,) = vjp(cot)
+  seen = cot * hard * jnp.asarray([1.0, 0.25])
+  p = jax.nn.softmax(logits)
+  expected = p * (seen - jnp.sum(p * seen, -1, keepdims=True))
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 def test_registry_lists_variants_and_rejects_duplicates():
-  assert {"softmax", "linear"} <= set(attention.names())
+  assert {"softmax", "linear", "gated_deltanet", "nats_l"} <= set(attention.names())
   with pytest.raises(ValueError, match="registered twice"):
     attention.registry.register("softmax", options={}, uses_rope=True)(object)
 
@@ -138,3 +207,49 @@ def test_softmax_1b_parameter_count():
   )
   assert count == expected
   assert 0.95e9 < count < 1.25e9, count
+
+
+def _delta_layer_params(d, heads, head_k, expand_v, conv):
+  key, value = heads * head_k, int(heads * head_k * expand_v)
+  projections = d * (2 * key + 2 * value) + value * d + 2 * d * heads  # q k v g o, a b
+  return projections + conv * (2 * key + value) + 2 * heads  # convs, A_log, dt_bias
+
+
+def _count(config):
+  abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
+
+
+def test_gated_deltanet_1b_parameter_count():
+  m = _load_config("gated_deltanet_1b").model
+  layer = (
+    _delta_layer_params(m.d_model, 6, 256, 2, 4)
+    + 2 * 256  # output RMSNorm over a value head (head_v = 2 * 256)
+    + 3 * m.d_model * m.mlp_dim
+    + 2 * m.d_model
+  )
+  expected = 2 * m.vocab_size * m.d_model + m.num_layers * layer + m.d_model
+  assert _count(_load_config("gated_deltanet_1b")) == expected
+  assert 1.3e9 < expected < 1.45e9, expected
+
+
+def test_nats_l_340m_parameter_count_and_layer_pattern():
+  config = _load_config("nats_l_340m")
+  m = config.model
+  names = layer_mixers(m)
+  assert [i for i, n in enumerate(names) if n == "nats_l"] == [3, 7, 11, 15, 19, 20]
+  d, heads, head_k, attn_heads = m.d_model, 6, 128, 12
+  key, value = heads * head_k, 2 * heads * head_k
+  shared = 3 * d * m.mlp_dim + 2 * d
+  gdn = _delta_layer_params(d, heads, head_k, 2, 4) + 2 * head_k + shared  # + o_norm
+  nats = (
+    _delta_layer_params(d, heads, head_k, 2, 4)
+    + d * 2 * heads  # block scorer
+    + key * 2 * attn_heads  # merge weights from q
+    + 2 * (key // attn_heads)
+    + 2 * (value // attn_heads)  # qk norms, two output norms
+    + shared
+  )
+  expected = 2 * m.vocab_size * d + 15 * gdn + 6 * nats + d
+  assert _count(config) == expected
+  assert 0.33e9 < expected < 0.4e9, expected

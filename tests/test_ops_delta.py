@@ -72,12 +72,9 @@ def test_chunked_equals_recurrence_float32_values_and_gradients(t, chunk):
     return jnp.sum(o * cot_o) + jnp.sum(s * cot_s), (o, s)
 
   args = (q, k, v, g, beta, state)
-  (_, (o_c, s_c)), grads_c = jax.value_and_grad(loss, argnums=range(1, 7), has_aux=True)(
-    "xla", *args
-  )
-  (_, (o_r, s_r)), grads_r = jax.value_and_grad(loss, argnums=range(1, 7), has_aux=True)(
-    "reference", *args
-  )
+  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=range(1, 7), has_aux=True), static_argnums=0)
+  (_, (o_c, s_c)), grads_c = grad_fn("xla", *args)
+  (_, (o_r, s_r)), grads_r = grad_fn("reference", *args)
   np.testing.assert_allclose(o_c, o_r, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(s_c, s_r, atol=1e-5, rtol=1e-5)
   for name, a, b in zip(("q", "k", "v", "g", "beta", "state"), grads_c, grads_r):
@@ -89,7 +86,7 @@ def test_gated_delta_gradients_match_finite_differences(x64):
   f = lambda *a: ops.gated_delta_rule(
     *a[:5], initial_state=a[5], output_final_state=True, chunk_size=4
   )
-  check_grads(f, (q, k, v, g, beta, state), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+  check_grads(jax.jit(f), (q, k, v, g, beta, state), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 def test_gated_delta_low_precision_and_errors():
@@ -183,11 +180,11 @@ def test_nats_l_block_ops_gradients_including_gates(x64):
     f = lambda q, k, v, g, beta, m, impl=impl: ops.block_gated_delta_rule(
       q, k, v, g, beta, m, block_size=4, implementation=impl
     )
-    check_grads(f, (q, k, v, g, beta, write), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    check_grads(jax.jit(f), (q, k, v, g, beta, write), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
     f = lambda q, k, v, m, impl=impl: ops.block_sparse_softmax(
       q, k, v, m, block_size=4, implementation=impl
     )
-    check_grads(f, (q, k, v, visible), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    check_grads(jax.jit(f), (q, k, v, visible), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 def test_nats_l_block_ops_reject_wrong_gate_shapes():
