@@ -81,6 +81,7 @@ def base_config() -> ConfigDict:
   m.rope = placeholder(bool)  # None: the variant's default
   m.rope_theta = 10_000.0
   m.qk_norm = False
+  m.qkv_bias = False  # biases on q/k/v give position-only heads a content-free direction
   m.tie_embeddings = True
   m.norm_eps = 1e-6
   m.dtype = "float32"  # compute dtype; parameters are always float32

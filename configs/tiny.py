@@ -2,6 +2,8 @@
 
     python -m attnlab.train --config=configs/tiny.py --workdir=runs/tiny
     python -m attnlab.train --config=configs/tiny.py:attention=linear --workdir=runs/tiny_linear
+    python -m attnlab.train --config=configs/tiny.py:attention=gated_deltanet --workdir=runs/tiny_gdn
+    python -m attnlab.train --config=configs/tiny.py:attention=nats_l --workdir=runs/tiny_nats_l
     python -m attnlab.train --config=configs/tiny.py:task=needle --workdir=runs/needle
 
 Arguments: attention=<variant>, task=mqar|needle, steps=<int>.
@@ -25,6 +27,10 @@ def get_config(arg: str | None = None):
   c.model.num_layers = 2
   c.model.num_heads = 2
   c.model.mlp_dim = 128
+  c.model.qkv_bias = True  # lets the first layer form a position-only (previous-token) head
+
+  # Four NAtS-L blocks per sequence, so block types matter at seq_len 64.
+  c.model.mixer.nats_l.block_size = 16
 
   c.data.task = arg.task
   c.data.vocab_size = 64

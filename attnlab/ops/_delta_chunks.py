@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnlab.ops import _linalg
+
 
 def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
   """[B, T, H, ...] (T a multiple of chunk) -> [B, H, N, C, ...]."""
@@ -29,26 +31,6 @@ def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
 
 def pad_time(x: jax.Array, pad: int) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-
-
-def unit_lower_inverse(a: jax.Array) -> jax.Array:
-  """(I + a)⁻¹ for strictly lower-triangular a [..., n, n], by recursive 2×2 blocking.
-
-  Only matmuls (tensor cores / MXU friendly) and as stable as forward
-  substitution, unlike the Neumann product (I − a)(I + a²)(I + a⁴)…, whose
-  intermediate powers overflow float32 for long chunks.
-  """
-  n = a.shape[-1]
-  if n == 1:
-    return jnp.ones_like(a)
-  h = n // 2
-  top = unit_lower_inverse(a[..., :h, :h])
-  bottom = unit_lower_inverse(a[..., h:, h:])
-  corner = -bottom @ a[..., h:, :h] @ top
-  zeros = jnp.zeros((*a.shape[:-2], h, n - h), a.dtype)
-  return jnp.concatenate(
-    [jnp.concatenate([top, zeros], -1), jnp.concatenate([corner, bottom], -1)], -2
-  )
 
 
 def chunked_gated_delta(
@@ -90,7 +72,7 @@ def chunked_gated_delta(
   kk = jnp.einsum("...ik,...jk->...ij", k, k)
   a = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0)
   rhs = jnp.concatenate([beta[..., None] * v, beta[..., None] * k * jnp.exp(gamma)[..., None]], -1)
-  solved = unit_lower_inverse(a) @ rhs
+  solved = _linalg.unit_lower_inverse(a) @ rhs
   u, w = solved[..., : v.shape[-1]], solved[..., v.shape[-1] :]
 
   p = jnp.einsum("...ik,...jk->...ij", q * scale, k) * decay

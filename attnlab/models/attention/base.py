@@ -56,9 +56,10 @@ class QKVProjection(nnx.Module):
   def __init__(self, mixer: Mixer, model: ConfigDict, *, use_rope: bool, rngs: nnx.Rngs):
     d, h, hkv, hd = mixer.d_model, mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
     dt = mixer.dtype
-    self.q = layers.dense(d, h * hd, ("embed", "heads"), dtype=dt, rngs=rngs)
-    self.k = layers.dense(d, hkv * hd, ("embed", "kv_heads"), dtype=dt, rngs=rngs)
-    self.v = layers.dense(d, hkv * hd, ("embed", "kv_heads"), dtype=dt, rngs=rngs)
+    bias = model.qkv_bias
+    self.q = layers.dense(d, h * hd, ("embed", "heads"), dtype=dt, rngs=rngs, use_bias=bias)
+    self.k = layers.dense(d, hkv * hd, ("embed", "kv_heads"), dtype=dt, rngs=rngs, use_bias=bias)
+    self.v = layers.dense(d, hkv * hd, ("embed", "kv_heads"), dtype=dt, rngs=rngs, use_bias=bias)
     self.q_norm = layers.RMSNorm(hd, eps=model.norm_eps) if model.qk_norm else None
     self.k_norm = layers.RMSNorm(hd, eps=model.norm_eps) if model.qk_norm else None
     self.use_rope = use_rope

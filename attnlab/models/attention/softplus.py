@@ -1,0 +1,34 @@
+"""Softplus attention with re-weighting (Gao & Spratling, 2026): LSSA / LSSAR.
+
+The softmax map is replaced by softplus of log-scaled cosine scores with row
+L1 normalisation (LSSA); `power=p` adds the ReLU(A·i − O)^p sharpening
+(LSSAR; p = 15 is the paper's choice for length extrapolation, p = 3 for
+in-length quality; 0 means plain LSSA). No new parameters; the projections,
+RoPE (on by default, as in the paper's GPT-2 + RoPE backbone) and the KV
+cache are the softmax mixer's. The row index i is the absolute position, so
+decoding reproduces the parallel form.
+"""
+
+from __future__ import annotations
+
+from attnlab import ops
+from attnlab.models.attention import registry, softmax
+
+
+@registry.register("softplus", options=dict(power=15.0, implementation=None), uses_rope=True)
+class SoftplusAttention(softmax.SoftmaxAttention):
+  """LSSA / LSSAR: [B, T, d_model] -> [B, T, d_model]; KV cache."""
+
+  def __init__(self, model, options, *, use_rope, rngs):
+    super().__init__(model, options, use_rope=use_rope, rngs=rngs)
+    if options.power < 0:
+      raise ValueError(f"softplus: power must be >= 0 (0 = LSSA), got {options.power}")
+    self.power = options.power or None
+
+  def attend(self, q, k, v):
+    return ops.softplus_attention(q, k, v, power=self.power, implementation=self.implementation)
+
+  def attend_cached(self, q, k_cache, v_cache, length):
+    return ops.softplus_attention_cached(
+      q, k_cache, v_cache, length, power=self.power, implementation=self.implementation
+    )

@@ -1,0 +1,84 @@
+"""LUCID attention (Duvvuri et al., 2026): softmax attention over
+preconditioned values V′ = L⁻¹V, L = tril(exp(k̂k̂ᵀ/√D − √D)) with unit diagonal."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.ops import _dtypes
+from attnlab.ops.lucid import reference, xla
+from attnlab.ops.softmax.api import softmax_attention
+
+_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+
+
+def lucid_values(
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  eps: float = 1e-5,
+  context_keys: jax.Array | None = None,
+  context_values: jax.Array | None = None,
+  context_length: jax.Array | int = 0,
+  block_size: int = 64,
+  implementation: str | None = None,
+) -> jax.Array:
+  """Preconditioned values V′ = L⁻¹V, per kv head, computed in float32 or wider.
+
+  Args:
+    k: [batch, time, kv_heads, head_dim] raw keys (RMS-normalised inside).
+    v: [batch, time, kv_heads, head_dim_v]
+    eps: of the gain-free key RMS normalisation.
+    context_keys, context_values: optional cache of earlier raw keys and their
+      preconditioned values, [batch, cache_len, kv_heads, ...]; the first
+      `context_length` rows are valid and precede the new tokens.
+    block_size: rows per forward-substitution block; any T works.
+    implementation: None, 'xla' (blocked solve, custom VJP) or 'reference'
+      (the token recurrence).
+
+  Returns:
+    V′ [batch, time, kv_heads, head_dim_v] in the compute dtype.
+  """
+  if k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3]:
+    raise ValueError(f"expected k [B,T,H,D] and v [B,T,H,Dv]; got k{k.shape} v{v.shape}")
+  if (context_keys is None) != (context_values is None):
+    raise ValueError("context_keys and context_values go together")
+  if block_size < 1:
+    raise ValueError(f"block_size must be positive, got {block_size}")
+  impl = _dtypes.resolve_implementation(implementation, tuple(_IMPLEMENTATIONS), "lucid_values")
+  dtype = _dtypes.compute_dtype(k, v)
+  cast = lambda a: None if a is None else jnp.asarray(a, dtype)
+  return _IMPLEMENTATIONS[impl].preconditioned_values(
+    cast(k),
+    cast(v),
+    eps=eps,
+    block_size=block_size,
+    context_keys=cast(context_keys),
+    context_values=cast(context_values),
+    context_length=context_length,
+  )
+
+
+def lucid_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float | None = None,
+  eps: float = 1e-5,
+  block_size: int = 64,
+  implementation: str | None = None,
+) -> jax.Array:
+  """Causal softmax(q kᵀ·scale) V′ with raw keys in the softmax (GQA as in
+  `softmax_attention`; V′ is formed per kv head, before repetition).
+
+  Args:
+    q: [batch, time, heads, head_dim]; k: [batch, time, kv_heads, head_dim];
+    v: [batch, time, kv_heads, head_dim_v].
+
+  Returns:
+    [batch, time, heads, head_dim_v] in q.dtype.
+  """
+  v_prime = lucid_values(k, v, eps=eps, block_size=block_size, implementation=implementation)
+  return softmax_attention(q, k, v_prime, scale=scale, implementation=implementation)

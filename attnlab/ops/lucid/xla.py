@@ -1,0 +1,121 @@
+"""LUCID's value preconditioner V′ = L⁻¹V by blocked forward substitution.
+
+L = I + strict_lower(exp(k̂ k̂ᵀ/√D − √D)) (unit diagonal). Row block i solves
+
+    V′_i = (I + L_ii)⁻¹ (V_i − L_{i,<i} V′_{<i})
+
+so the cost is O(T²D) and only block×block inverses are formed. The custom
+VJP is the transposed solve, dV = L⁻ᵀ dV′ (a backward sweep over blocks), and
+dk̂ = s·(dG k̂ + dGᵀ k̂) with dG = −(dV V′ᵀ) ∘ L on the strict lower part.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.ops import _linalg
+
+
+def normalize_keys(k: jax.Array, eps: float) -> jax.Array:
+  """RMS normalisation without gain: k / sqrt(mean(k²) + eps); ‖k̂‖ ≈ √D."""
+  return k * jax.lax.rsqrt(jnp.mean(k * k, axis=-1, keepdims=True) + eps)
+
+
+def kernel(a: jax.Array, b: jax.Array) -> jax.Array:
+  """exp(a bᵀ/√D − √D) for [..., n, D] and [..., m, D]; every exponent is ≤ ~0."""
+  d = a.shape[-1]
+  return jnp.exp(jnp.einsum("...nd,...md->...nm", a, b) * d**-0.5 - d**0.5)
+
+
+def _blocks(t: int, block: int) -> tuple[jax.Array, jax.Array]:
+  """Row and column indices of one block against the whole sequence."""
+  return jnp.arange(block), jnp.arange(t)
+
+
+def _forward(k_hat, v, block):
+  """k_hat [B,H,T,D], v [B,H,T,Dv] with T a multiple of block -> V′."""
+  t = k_hat.shape[2]
+  rows, cols = _blocks(t, block)
+  strict = rows[:, None] > rows[None, :]
+
+  def solve_block(v_prime, i):
+    start = i * block
+    k_i = jax.lax.dynamic_slice_in_dim(k_hat, start, block, axis=2)
+    v_i = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+    earlier = jnp.where(cols < start, kernel(k_i, k_hat), 0.0)
+    rhs = v_i - earlier @ v_prime
+    inverse = _linalg.unit_lower_inverse(jnp.where(strict, kernel(k_i, k_i), 0.0))
+    return jax.lax.dynamic_update_slice_in_dim(v_prime, inverse @ rhs, start, axis=2), None
+
+  v_prime, _ = jax.lax.scan(solve_block, jnp.zeros_like(v), jnp.arange(t // block))
+  return v_prime
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def solve(k_hat: jax.Array, v: jax.Array, block: int) -> jax.Array:
+  return _forward(k_hat, v, block)
+
+
+def _solve_fwd(k_hat, v, block):
+  v_prime = _forward(k_hat, v, block)
+  return v_prime, (k_hat, v_prime)
+
+
+def _solve_bwd(block, residuals, d_v_prime):
+  k_hat, v_prime = residuals
+  t, d = k_hat.shape[2], k_hat.shape[3]
+  rows, cols = _blocks(t, block)
+  strict = rows[:, None] > rows[None, :]
+
+  # dV = L⁻ᵀ dV′, sweeping blocks from last to first.
+  def transposed_block(d_v, i):
+    start = i * block
+    k_i = jax.lax.dynamic_slice_in_dim(k_hat, start, block, axis=2)
+    g_i = jax.lax.dynamic_slice_in_dim(d_v_prime, start, block, axis=2)
+    later = jnp.where((cols >= start + block)[:, None], kernel(k_hat, k_i), 0.0)  # [T, blk]
+    rhs = g_i - jnp.swapaxes(later, -1, -2) @ d_v
+    inverse = _linalg.unit_lower_inverse(jnp.where(strict, kernel(k_i, k_i), 0.0))
+    return jax.lax.dynamic_update_slice_in_dim(
+      d_v, jnp.swapaxes(inverse, -1, -2) @ rhs, start, axis=2
+    ), None
+
+  n = t // block
+  d_v, _ = jax.lax.scan(transposed_block, jnp.zeros_like(d_v_prime), jnp.arange(n)[::-1])
+
+  # dk̂ from dL = −dV V′ᵀ on the strict lower part, through L = exp(k̂k̂ᵀ/√D − √D).
+  def key_block(d_k, i):
+    start = i * block
+    k_i = jax.lax.dynamic_slice_in_dim(k_hat, start, block, axis=2)
+    dv_i = jax.lax.dynamic_slice_in_dim(d_v, start, block, axis=2)
+    lower = (start + rows)[:, None] > cols[None, :]
+    d_g = jnp.where(lower, -(dv_i @ jnp.swapaxes(v_prime, -1, -2)) * kernel(k_i, k_hat), 0.0)
+    d_k = d_k + d**-0.5 * (jnp.swapaxes(d_g, -1, -2) @ k_i)
+    own = jax.lax.dynamic_slice_in_dim(d_k, start, block, axis=2) + d**-0.5 * (d_g @ k_hat)
+    return jax.lax.dynamic_update_slice_in_dim(d_k, own, start, axis=2), None
+
+  d_k, _ = jax.lax.scan(key_block, jnp.zeros_like(k_hat), jnp.arange(n))
+  return d_k, d_v
+
+
+solve.defvjp(_solve_fwd, _solve_bwd)
+
+
+def preconditioned_values(k, v, *, eps, block_size, context_keys, context_values, context_length):
+  """[B,T,H,D] keys and values -> V′ [B,T,H,Dv]; optional context of earlier tokens."""
+  t = k.shape[1]
+  block = max(1, min(block_size, t))
+  pad = -t % block
+  k_hat = normalize_keys(jnp.moveaxis(k, 2, 1), eps)  # [B,H,T,D]
+  rhs = jnp.moveaxis(v, 2, 1)
+  if context_keys is not None:
+    c_hat = normalize_keys(jnp.moveaxis(context_keys, 2, 1), eps)
+    valid = jnp.arange(c_hat.shape[2]) < context_length
+    weights = jnp.where(valid, kernel(k_hat, c_hat), 0.0)
+    rhs = rhs - weights @ jnp.moveaxis(context_values, 2, 1)
+  # Trailing padding cannot reach earlier rows of a lower-triangular system.
+  k_hat, rhs = (jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))) for a in (k_hat, rhs))
+  v_prime = solve(k_hat, rhs, block)[:, :, :t]
+  return jnp.moveaxis(v_prime, 1, 2)

@@ -1,0 +1,83 @@
+"""Softplus attention with re-weighting (Gao & Spratling, 2026): LSSA and LSSAR.
+
+LSSA, for query i (1-based) and keys j ≤ i, with q̂, k̂ L2-normalised:
+
+    A_ij = softplus(log D · log i · q̂_i·k̂_j),   rows L1-normalised
+
+LSSAR (`power=p`) then sharpens: A ← ReLU(A_ij·i − O_i)^p, O_i = 0 for i ≤ 3
+and 1 after, and renormalises; a row that vanishes outputs 0. No parameters,
+no 1/√D. Rows are divided by their maximum before the power, which leaves the
+result unchanged and keeps p = 15 inside float32 range.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.ops import _dtypes
+from attnlab.ops.softplus import reference, xla
+
+_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+
+
+def _run(q, k, v, power, query_positions, key_length, implementation, name):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3]:
+    raise ValueError(f"{name}: expected [B,T,H,D] arrays; got q{q.shape} k{k.shape} v{v.shape}")
+  if q.shape[2] % k.shape[2] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"{name}: q{q.shape} and k{k.shape} need equal head_dim and GQA heads")
+  if power is not None and power <= 0:
+    raise ValueError(f"{name}: power must be positive or None (LSSA), got {power}")
+  impl = _dtypes.resolve_implementation(implementation, tuple(_IMPLEMENTATIONS), name)
+  dtype = _dtypes.compute_dtype(q, k, v)
+  group = q.shape[2] // k.shape[2]
+  k, v = (jnp.repeat(jnp.asarray(a, dtype), group, axis=2) for a in (k, v))
+  o = _IMPLEMENTATIONS[impl].softplus_attention(
+    jnp.asarray(q, dtype), k, v, power=power, query_positions=query_positions,
+    key_length=key_length,
+  )  # fmt: skip
+  return o.astype(q.dtype)
+
+
+def softplus_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  power: float | None = None,
+  implementation: str | None = None,
+) -> jax.Array:
+  """Causal LSSA (power=None) or LSSAR (power=p).
+
+  Args:
+    q: [batch, time, heads, head_dim]; k: [batch, time, kv_heads, head_dim];
+    v: [batch, time, kv_heads, head_dim_v]; kv_heads divides heads.
+    power: None for LSSA; p (e.g. 3 or 15) for LSSAR.
+    implementation: None, 'xla' (dense scores) or 'reference' (per row).
+
+  Returns:
+    [batch, time, heads, head_dim_v] in q.dtype.
+  """
+  if q.shape[1] != k.shape[1]:
+    raise ValueError("softplus_attention: q and k lengths differ; use softplus_attention_cached")
+  t = q.shape[1]
+  return _run(q, k, v, power, jnp.arange(t), t, implementation, "softplus_attention")
+
+
+def softplus_attention_cached(
+  q: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  cache_length: jax.Array | int,
+  *,
+  power: float | None = None,
+  implementation: str | None = None,
+) -> jax.Array:
+  """New queries against a KV cache: q [B, Tq, H, D] sits at absolute
+  positions cache_length − Tq … cache_length − 1, so log i stays correct."""
+  tq = q.shape[1]
+  positions = cache_length - tq + jnp.arange(tq)
+  return _run(
+    q, k_cache, v_cache, power, positions, cache_length, implementation,
+    "softplus_attention_cached",
+  )  # fmt: skip

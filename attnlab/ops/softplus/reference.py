@@ -1,0 +1,39 @@
+"""Oracle for softplus attention: one query row at a time, following the
+paper's steps literally (softplus, L1, ReLU(A·i − O)^p, L1), with the row
+max rescale before the power."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def softplus_attention(q, k, v, *, power, query_positions, key_length):
+  d = q.shape[-1]
+  qn = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+  kn = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  key_pos = jnp.arange(k.shape[1])
+
+  def one_row(_, inputs):
+    q_row, pos = inputs  # [B, H, D], scalar
+    i = (pos + 1).astype(q.dtype)
+    visible = ((key_pos <= pos) & (key_pos < key_length))[None, :, None]
+    a = jnp.where(
+      visible,
+      jax.nn.softplus(jnp.log(d) * jnp.log(i) * jnp.einsum("bhd,bkhd->bkh", q_row, kn)),
+      0.0,
+    )
+    a = a / a.sum(1, keepdims=True)
+    if power is not None:
+      offset = jnp.where(i <= 3, 0.0, 1.0) + 16 * jnp.finfo(q.dtype).eps  # rounding slack
+      x = jnp.where(visible, jnp.maximum(a * i - offset, 0.0), 0.0)
+      peak = jax.lax.stop_gradient(x.max(1, keepdims=True))
+      x = x / jnp.where(peak > 0, peak, 1.0)
+      b = x**power
+      total = b.sum(1, keepdims=True)
+      a = jnp.where(total > 0, b / jnp.where(total > 0, total, 1.0), 0.0)
+    return None, jnp.einsum("bkh,bkhd->bhd", a, v)
+
+  xs = (jnp.moveaxis(qn, 1, 0), query_positions)
+  _, out = jax.lax.scan(one_row, None, xs)
+  return jnp.moveaxis(out, 0, 1)
