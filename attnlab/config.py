@@ -117,6 +117,7 @@ def base_config() -> ConfigDict:
   o.eps = 1e-8
   o.clip_norm = 1.0
   o.grad_accum_steps = 1
+  o.temperature_lr = 0.0  # peak lr of temperature parameters (SSA); 0: same as lr
   return c
 
 

@@ -47,15 +47,39 @@ def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedul
   )
 
 
+def temperature_mask(params: Any) -> Any:
+  """True for parameters named by a variant as temperatures (own learning rate)."""
+  names = registry.temperature_names()
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: bool(set(_path_names(path)) & names), params
+  )
+
+
+def _adamw(optim: ConfigDict, total_steps: int, peak_lr: float) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(optim, total_steps)
+  return optax.adamw(
+    lambda step: schedule(step) * (peak_lr / optim.lr),
+    b1=optim.b1,
+    b2=optim.b2,
+    eps=optim.eps,
+    weight_decay=optim.weight_decay,
+    mask=decay_mask,
+  )
+
+
 def make_optimizer(optim: ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """Clipping, then AdamW; temperature parameters follow the same schedule
+  scaled to `optim.temperature_lr` (0: the base lr), as in SSA's recipe."""
+  temperature_lr = optim.temperature_lr or optim.lr
   return optax.chain(
     optax.clip_by_global_norm(optim.clip_norm),
-    optax.adamw(
-      learning_rate_schedule(optim, total_steps),
-      b1=optim.b1,
-      b2=optim.b2,
-      eps=optim.eps,
-      weight_decay=optim.weight_decay,
-      mask=decay_mask,
+    optax.multi_transform(
+      {
+        "base": _adamw(optim, total_steps, optim.lr),
+        "temperature": _adamw(optim, total_steps, temperature_lr),
+      },
+      lambda params: jax.tree.map(
+        lambda t: "temperature" if t else "base", temperature_mask(params)
+      ),
     ),
   )

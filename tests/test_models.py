@@ -55,6 +55,12 @@ CASES = {
     dict(attention="gated_deltanet"),
     {"gated_deltanet": dict(num_heads=2, num_v_heads=4, allow_neg_eigval=True, chunk_size=8)},
   ),
+  "lucid_gqa": (dict(attention="lucid", num_kv_heads=2), {"lucid": dict(block_size=4)}),
+  "lucid_rope": (dict(attention="lucid", rope=True), {}),
+  "softplus_lssar_p15": (dict(attention="softplus", num_kv_heads=2), {}),
+  "softplus_lssar_p3": (dict(attention="softplus"), {"softplus": dict(power=3.0)}),
+  "softplus_lssa": (dict(attention="softplus", rope=False), {"softplus": dict(power=0.0)}),
+  "ssa_gqa": (dict(attention="ssa", num_kv_heads=2), {"ssa": dict(alpha_init=0.5)}),
   # Blocks of 4 tokens: a 9-token prompt spans several blocks of mixed types.
   "nats_l": (dict(attention="nats_l"), {"nats_l": dict(block_size=4, num_heads=2)}),
   "gated_deltanet_nats_l_pattern": (
@@ -72,9 +78,20 @@ def _case_config(case):
   return cfg
 
 
+def _randomize_temperatures(model):
+  """SSA starts as vanilla attention; give its temperatures real values."""
+  rng = np.random.default_rng(7)
+  for block in model.blocks:
+    for name in ("ssa_u_q", "ssa_u_v"):
+      if hasattr(block.mixer, name):
+        param = getattr(block.mixer, name)
+        param[...] = jnp.asarray(rng.normal(size=param.shape), jnp.float32)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_decoding_equals_parallel_logits(case):
   model = build_model(_case_config(case), nnx.Rngs(0))
+  _randomize_temperatures(model)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 23)))
   parallel = model(tokens)
   for prefill in (1, 9):
@@ -177,7 +194,9 @@ def test_nats_l_straight_through_gradient_reaches_the_scorer():
 
 
 def test_registry_lists_variants_and_rejects_duplicates():
-  assert {"softmax", "linear", "gated_deltanet", "nats_l"} <= set(attention.names())
+  assert {"softmax", "linear", "gated_deltanet", "nats_l", "lucid", "softplus", "ssa"} <= set(
+    attention.names()
+  )
   with pytest.raises(ValueError, match="registered twice"):
     attention.registry.register("softmax", options={}, uses_rope=True)(object)
 
@@ -253,3 +272,30 @@ def test_nats_l_340m_parameter_count_and_layer_pattern():
   expected = 2 * m.vocab_size * d + 15 * gdn + 6 * nats + d
   assert _count(config) == expected
   assert 0.33e9 < expected < 0.4e9, expected
+
+
+def test_ssa_extra_parameters_stay_under_half_a_percent_and_use_their_own_lr():
+  def layer_params(attention):
+    model = build_model(
+      _model_config(attention=attention, d_model=64, num_heads=2, mlp_dim=128), nnx.Rngs(0)
+    )
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model.blocks[0], nnx.Param))), model
+
+  base, _ = layer_params("softmax")
+  with_ssa, model = layer_params("ssa")
+  extra = with_ssa - base
+  assert extra == 1 + (2 + 2) * 32  # α plus one vector per query and kv head
+  assert extra / base < 0.005, extra / base
+  params = nnx.state(model, nnx.Param)
+  flat = jax.tree_util.tree_flatten_with_path(optim.temperature_mask(params))[0]
+  chosen = sorted(jax.tree_util.keystr(p) for p, m in flat if m)
+  assert len(chosen) == 3 * 2 and all("ssa_" in k for k in chosen)
+  # The temperature group moves at its own learning rate.
+  cfg = config_lib.base_config().optim
+  cfg.update(dict(lr=1e-3, temperature_lr=1e-1, warmup_steps=0, weight_decay=0.0))
+  tx = optim.make_optimizer(cfg, total_steps=10)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  layer = updates["blocks"][0]["mixer"]
+  np.testing.assert_allclose(layer["ssa_alpha"][...], -1e-1, rtol=1e-3)
+  np.testing.assert_allclose(layer["out"]["kernel"][...].max(), -1e-3, rtol=1e-3)

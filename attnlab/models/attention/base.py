@@ -66,16 +66,27 @@ class QKVProjection(nnx.Module):
     self.rope_theta = model.rope_theta
     self.shape = (h, hkv, hd)
 
-  def __call__(self, x: jax.Array, positions: jax.Array):
-    """x [B, T, d_model], positions [T] -> q [B,T,H,hd], k, v [B,T,Hkv,hd]."""
+  def project(self, x: jax.Array):
+    """x [B, T, d_model] -> raw q [B,T,H,hd], k, v [B,T,Hkv,hd] (no norm, no RoPE)."""
     b, t, _ = x.shape
     h, hkv, hd = self.shape
-    q = self.q(x).reshape(b, t, h, hd)
-    k = self.k(x).reshape(b, t, hkv, hd)
-    v = self.v(x).reshape(b, t, hkv, hd)
+    return (
+      self.q(x).reshape(b, t, h, hd),
+      self.k(x).reshape(b, t, hkv, hd),
+      self.v(x).reshape(b, t, hkv, hd),
+    )
+
+  def position(self, q: jax.Array, k: jax.Array, positions: jax.Array):
+    """qk-norm and RoPE at absolute `positions` [T]."""
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.use_rope:
       q = layers.apply_rope(q, positions, self.rope_theta)
       k = layers.apply_rope(k, positions, self.rope_theta)
+    return q, k
+
+  def __call__(self, x: jax.Array, positions: jax.Array):
+    """x [B, T, d_model], positions [T] -> q [B,T,H,hd], k, v [B,T,Hkv,hd]."""
+    q, k, v = self.project(x)
+    q, k = self.position(q, k, positions)
     return q, k, v

@@ -2,7 +2,8 @@
 
 A variant registers its mixer class with its default options (which become
 `config.model.mixer.<name>`), whether it uses RoPE by default, and which of
-its parameters are exempt from weight decay.
+its parameters are exempt from weight decay or use the temperature learning
+rate.
 """
 
 from __future__ import annotations
@@ -21,20 +22,28 @@ class Variant:
   options: dict
   uses_rope: bool
   no_decay: tuple[str, ...] = ()
+  temperature: tuple[str, ...] = ()
 
 
 _VARIANTS: dict[str, Variant] = {}
 
 
 def register(
-  name: str, *, options: dict, uses_rope: bool, no_decay: tuple[str, ...] = ()
+  name: str,
+  *,
+  options: dict,
+  uses_rope: bool,
+  no_decay: tuple[str, ...] = (),
+  temperature: tuple[str, ...] = (),
 ) -> Callable[[type], type]:
   """Class decorator adding a mixer to the registry."""
 
   def wrap(cls: type) -> type:
     if name in _VARIANTS:
       raise ValueError(f"attention variant {name!r} registered twice")
-    _VARIANTS[name] = Variant(name, cls, dict(options), uses_rope, tuple(no_decay))
+    _VARIANTS[name] = Variant(
+      name, cls, dict(options), uses_rope, tuple(no_decay), tuple(temperature)
+    )
     return cls
 
   return wrap
@@ -57,6 +66,11 @@ def default_options() -> ConfigDict:
 
 def no_decay_names() -> frozenset[str]:
   return frozenset(n for v in _VARIANTS.values() for n in v.no_decay)
+
+
+def temperature_names() -> frozenset[str]:
+  """Parameters trained with `optim.temperature_lr` (e.g. SSA's temperatures)."""
+  return frozenset(n for v in _VARIANTS.values() for n in v.temperature)
 
 
 def build(name: str, model: ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:

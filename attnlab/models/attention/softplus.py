@@ -25,10 +25,12 @@ class SoftplusAttention(softmax.SoftmaxAttention):
       raise ValueError(f"softplus: power must be >= 0 (0 = LSSA), got {options.power}")
     self.power = options.power or None
 
-  def attend(self, q, k, v):
+  def attend(self, q, k, v, logit_scale=None):
+    del logit_scale  # no temperature in softplus attention
     return ops.softplus_attention(q, k, v, power=self.power, implementation=self.implementation)
 
-  def attend_cached(self, q, k_cache, v_cache, length):
+  def attend_cached(self, q, k_cache, v_cache, length, logit_scale=None):
+    del logit_scale
     return ops.softplus_attention_cached(
       q, k_cache, v_cache, length, power=self.power, implementation=self.implementation
     )
