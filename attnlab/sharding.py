@@ -73,6 +73,9 @@ def logical_to_spec(logical: Sequence[str | None], rules: Rules) -> P:
 def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for a pytree of nnx Variables / arrays from their metadata."""
   specs = nnx.get_partition_spec(abstract_tree)
+  # Inside `nnx.logical_axis_rules` the specs arrive already translated to
+  # mesh axes; mesh axis names therefore map to themselves.
+  rules = tuple(rules) + tuple((axis, axis) for axis in mesh.axis_names)
 
   def to_sharding(spec):
     return NamedSharding(mesh, logical_to_spec(tuple(spec), rules))

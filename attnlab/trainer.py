@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,75 @@ def layer_statistics(model: nnx.Module) -> dict[str, jax.Array]:
     sown = value.get_value() if isinstance(value, nnx.Variable) else value
     stats[name] = jnp.mean(jnp.asarray(sown))
   return stats
+
+
+def make_steps(config: ConfigDict, graphdef: Any, tx: optax.GradientTransformation):
+  """(train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> sums)."""
+  accum = config.optim.grad_accum_steps
+
+  def loss_sums(params, batch):
+    model = nnx.merge(graphdef, params)
+    sums = weighted_sums(model(batch["inputs"]), batch)
+    return sums["ce"], (sums, layer_statistics(model))
+
+  def train_step(state, batch):
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def accumulate(carry, microbatch):
+      grads, totals = carry
+      (_, aux), g = grad_fn(state["params"], microbatch)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, aux)), None
+
+    microbatches = _microbatches(batch, accum)
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    aux_shape = jax.eval_shape(
+      loss_sums, state["params"], jax.tree.map(lambda x: x[0], microbatches)
+    )[1]
+    totals0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape)
+    (grads, (totals, stats)), _ = jax.lax.scan(accumulate, (zeros, totals0), microbatches)
+    weight = jnp.maximum(totals["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+      "step": state["step"] + 1,
+      "params": optax.apply_updates(state["params"], updates),
+      "opt_state": opt_state,
+    }
+    step_metrics = {
+      "train/loss": totals["ce"] / weight,
+      "train/accuracy": totals["correct"] / weight,
+      "train/grad_norm": optax.global_norm(grads),
+      "train/lr": optim.learning_rate_schedule(config.optim, config.total_steps)(state["step"]),
+      **{f"train/{name}": value / accum for name, value in stats.items()},
+    }
+    return new_state, step_metrics
+
+  def eval_step(params, batch):
+    return loss_sums(params, batch)[1][0]
+
+  return train_step, eval_step
+
+
+def compile_train_step(config: ConfigDict) -> jax.stages.Compiled:
+  """Lowers and compiles the sharded train step ahead of time, allocating
+  nothing full-size: a cheap check that a large config fits its mesh.
+  `compiled.memory_analysis()` then gives the per-device footprint."""
+  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  graphdef, init, tx = train_state.initializer(config)
+  train_step, _ = make_steps(config, graphdef, tx)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
+    state_sharding = sharding.tree_shardings(abstract_state, mesh, rules)
+    shape = (config.data.batch_size, config.data.seq_len)
+    batch = {
+      key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules))
+      for key, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))
+    }
+    # Abstract arrays that carry their shardings.
+    abstract_state = jax.eval_shape(jax.jit(init, out_shardings=state_sharding), jax.random.key(0))
+    step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
+    return step.lower(abstract_state, batch).compile()
 
 
 def _microbatches(batch: dict, count: int) -> dict:
@@ -164,47 +234,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   writer.message(f"{num_params:,} parameters; mesh {dict(mesh.shape)}; workdir {workdir}")
 
   # 6. Steps.
-  accum = config.optim.grad_accum_steps
-
-  def loss_sums(params, batch):
-    model = nnx.merge(graphdef, params)
-    sums = weighted_sums(model(batch["inputs"]), batch)
-    return sums["ce"], (sums, layer_statistics(model))
-
-  def train_step(state, batch):
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
-
-    def accumulate(carry, microbatch):
-      grads, totals = carry
-      (_, aux), g = grad_fn(state["params"], microbatch)
-      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, aux)), None
-
-    microbatches = _microbatches(batch, accum)
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    aux_shape = jax.eval_shape(
-      loss_sums, state["params"], jax.tree.map(lambda x: x[0], microbatches)
-    )[1]
-    totals0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape)
-    (grads, (totals, stats)), _ = jax.lax.scan(accumulate, (zeros, totals0), microbatches)
-    weight = jnp.maximum(totals["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {
-      "step": state["step"] + 1,
-      "params": optax.apply_updates(state["params"], updates),
-      "opt_state": opt_state,
-    }
-    step_metrics = {
-      "train/loss": totals["ce"] / weight,
-      "train/accuracy": totals["correct"] / weight,
-      "train/grad_norm": optax.global_norm(grads),
-      "train/lr": optim.learning_rate_schedule(config.optim, config.total_steps)(state["step"]),
-      **{f"train/{name}": value / accum for name, value in stats.items()},
-    }
-    return new_state, step_metrics
-
-  def eval_step(params, batch):
-    return loss_sums(params, batch)[1][0]
+  train_step, eval_step = make_steps(config, graphdef, tx)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))

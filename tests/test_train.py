@@ -142,6 +142,26 @@ def test_sharded_step_on_8_devices_equals_single_device(tmp_path):
   np.testing.assert_allclose([lc[s] for s in (1, 2, 3)], [la[s] for s in (1, 2, 3)], rtol=2e-5)
 
 
+def test_state_is_created_sharded_by_the_logical_rules():
+  """Parameters and their Adam moments really are split over the mesh."""
+  from flax import nnx
+
+  from attnlab import sharding, train_state
+
+  config = _tiny(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  mesh = sharding.make_mesh(dict(config.mesh))
+  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+  _, init, _ = train_state.initializer(config)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    shardings = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+  up = state["params"]["blocks"][0]["mlp"]["up"]["kernel"][...]
+  assert up.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert up.addressable_shards[0].data.shape == (up.shape[0] // 2, up.shape[1] // 2)
+  moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == up.shape]
+  assert moments and all(m.sharding.spec == up.sharding.spec for m in moments)
+
+
 def test_nan_guard_names_the_first_bad_step(tmp_path):
   overrides = {"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 1e30}
   # Logging every 10 steps, the guard still finds the exact first bad step...
