@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -77,10 +78,16 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   # mesh axes; mesh axis names therefore map to themselves.
   rules = tuple(rules) + tuple((axis, axis) for axis in mesh.axis_names)
 
-  def to_sharding(spec):
+  def to_sharding(spec, abstract):
+    # Masked optimizer entries (optax.MaskedNode) hold no arrays; keep them so
+    # the result has exactly the structure of `abstract_tree`.
+    if isinstance(abstract, optax.MaskedNode):
+      return abstract
     return NamedSharding(mesh, logical_to_spec(tuple(spec), rules))
 
-  return jax.tree.map(to_sharding, specs, is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    to_sharding, specs, abstract_tree, is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode))
+  )
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
