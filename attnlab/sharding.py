@@ -50,6 +50,11 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   )
 
 
+def config_rules(config_rules_value: Any) -> Rules:
+  """`config.sharding_rules` (lists after a JSON round trip) -> hashable rules."""
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config_rules_value)
+
+
 def logical_to_spec(logical: Sequence[str | None], rules: Rules) -> P:
   """('batch', 'embed') -> P(('data', 'fsdp'), None) under `rules`.
 

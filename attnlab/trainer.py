@@ -105,7 +105,7 @@ def compile_train_step(config: ConfigDict) -> jax.stages.Compiled:
   """Lowers and compiles the sharded train step ahead of time, allocating
   nothing full-size: a cheap check that a large config fits its mesh.
   `compiled.memory_analysis()` then gives the per-device footprint."""
-  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+  rules = sharding.config_rules(config.sharding_rules)
   mesh = sharding.make_mesh(dict(config.mesh))
   graphdef, init, tx = train_state.initializer(config)
   train_step, _ = make_steps(config, graphdef, tx)
@@ -176,7 +176,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   Returns the last logged train and eval metrics.
   """
   workdir = os.path.abspath(workdir)
-  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+  rules = sharding.config_rules(config.sharding_rules)
 
   # 1. Mesh.
   mesh = sharding.make_mesh(dict(config.mesh))

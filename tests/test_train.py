@@ -150,7 +150,7 @@ def test_state_is_created_sharded_by_the_logical_rules():
 
   config = _tiny(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   mesh = sharding.make_mesh(dict(config.mesh))
-  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+  rules = sharding.config_rules(config.sharding_rules)
   _, init, _ = train_state.initializer(config)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     shardings = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules)
