@@ -11,6 +11,7 @@ from attnlab.ops.gated_delta.api import gated_delta_rule
 from attnlab.ops.linear.api import linear_attention
 from attnlab.ops.lucid.api import lucid_attention, lucid_values
 from attnlab.ops.nats_l.api import block_gated_delta_rule, block_sparse_softmax
+from attnlab.ops.soft.api import newton_inverse, soft_attention
 from attnlab.ops.softmax.api import softmax_attention, softmax_attention_cached
 from attnlab.ops.softplus.api import softplus_attention, softplus_attention_cached
 
@@ -21,6 +22,8 @@ __all__ = [
   "linear_attention",
   "lucid_attention",
   "lucid_values",
+  "newton_inverse",
+  "soft_attention",
   "softmax_attention",
   "softmax_attention_cached",
   "softplus_attention",

@@ -1,0 +1,38 @@
+"""The oracle: SOFT's Nyström attention as an explicit T×T matrix.
+
+Ŝ = P (A + ridge·I)⁻¹ Pᵀ with a direct inverse (no Newton iterations, no
+linear-attention scan), masked, applied to V and optionally row-normalised.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def soft_attention(
+  q: jax.Array,
+  v: jax.Array,
+  landmarks: jax.Array,
+  *,
+  ridge: float,
+  normalize: bool,
+  eps: float,
+  causal: bool,
+) -> jax.Array:
+  """q [B,T,H,D], v [B,T,H,Dv], landmarks [H,m,D] -> [B,T,H,Dv] (compute dtype)."""
+  d, m, t = q.shape[-1], landmarks.shape[1], q.shape[1]
+
+  def kernel(x, y):
+    diff = x[..., :, None, :] - y[..., None, :, :]
+    return jnp.exp(-jnp.sum(diff * diff, -1) / (2.0 * d**0.5))
+
+  p = kernel(jnp.moveaxis(q, 2, 1), landmarks[None])  # [B, H, T, m]
+  a_inv = jnp.linalg.inv(kernel(landmarks, landmarks) + ridge * jnp.eye(m, dtype=q.dtype))
+  s = jnp.einsum("bhtm,hmn,bhsn->bhts", p, a_inv, p)
+  if causal:
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, 0.0)
+  out = jnp.einsum("bhts,bshe->bthe", s, v)
+  if normalize:
+    out = out / jnp.maximum(jnp.moveaxis(s.sum(-1), 1, 2), eps)[..., None]
+  return out

@@ -1,0 +1,86 @@
+"""SOFT's Nyström pieces in plain XLA: Gaussian kernel features and the
+Newton–Schulz pseudo-inverse with SOFT's one-shot gradient.
+
+The causal product itself is linear attention over these features; `api.py`
+composes the two.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def gaussian_kernel(x: jax.Array, y: jax.Array) -> jax.Array:
+  """exp(−‖x_i − y_j‖² / (2√d)) over the last axis.
+
+  Args:
+    x: [..., n, d]; y: [..., m, d] (leading axes broadcast).
+
+  Returns:
+    [..., n, m]. Squared distances use ‖x‖² + ‖y‖² − 2x·y, clamped at 0.
+  """
+  d = x.shape[-1]
+  sq = (
+    jnp.sum(x * x, -1)[..., :, None]
+    + jnp.sum(y * y, -1)[..., None, :]
+    - 2.0 * jnp.einsum("...nd,...md->...nm", x, y)
+  )
+  return jnp.exp(-jnp.maximum(sq, 0.0) / (2.0 * d**0.5))
+
+
+def _newton_iterations(a: jax.Array, iters: int, ridge: float) -> jax.Array:
+  m = a.shape[-1]
+  p = a + ridge * jnp.eye(m, dtype=a.dtype)
+  # SOFT's safe start α = 0.9·2/σ², with σ² ≤ ‖P‖₁‖P‖∞ bounding σ_max(P)²
+  # (the max row sum squared for symmetric P, as in SOFT).
+  row = jnp.max(jnp.sum(jnp.abs(p), -1), -1)
+  col = jnp.max(jnp.sum(jnp.abs(p), -2), -1)
+  alpha = 0.9 * 2.0 / (row * col)
+  x0 = alpha[..., None, None] * jnp.swapaxes(p, -1, -2)
+  return jax.lax.fori_loop(0, iters, lambda _, x: 2.0 * x - x @ p @ x, x0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def newton_inverse(a: jax.Array, iters: int, ridge: float) -> jax.Array:
+  """(A + ridge·I)⁻¹ by `iters` Newton–Schulz steps X ← 2X − X(A + ridge·I)X.
+
+  The backward is the inverse's analytic gradient, dA = −Xᵀ G Xᵀ, evaluated
+  once at the output (SOFT's rule): nothing of the iterations is kept.
+  """
+  return _newton_iterations(a, iters, ridge)
+
+
+def _newton_fwd(a, iters, ridge):
+  x = _newton_iterations(a, iters, ridge)
+  return x, x
+
+
+def _newton_bwd(iters, ridge, x, g):
+  del iters, ridge
+  xt = jnp.swapaxes(x, -1, -2)
+  return (-(xt @ g @ xt),)
+
+
+newton_inverse.defvjp(_newton_fwd, _newton_bwd)
+
+
+def nystrom_features(
+  q: jax.Array, landmarks: jax.Array, *, newton_iters: int, ridge: float
+) -> tuple[jax.Array, jax.Array]:
+  """Query- and key-side features of Ŝ = P A⁺ Pᵀ with K = Q.
+
+  Args:
+    q: [batch, time, heads, head_dim] (in the compute dtype).
+    landmarks: [heads, num_landmarks, head_dim].
+
+  Returns:
+    (P A⁺, P), each [batch, time, heads, num_landmarks], so that
+    Ŝ_ts = (P A⁺)_t · P_s.
+  """
+  p = gaussian_kernel(jnp.moveaxis(q, 2, 1), landmarks[None])  # [B, H, T, m]
+  a_inv = newton_inverse(gaussian_kernel(landmarks, landmarks), newton_iters, ridge)
+  query_side = jnp.einsum("bhtm,hmn->bthn", p, a_inv)
+  return query_side, jnp.moveaxis(p, 1, 2)
