@@ -60,6 +60,11 @@ CASES = {
   "softplus_lssar_p15": (dict(attention="softplus", num_kv_heads=2), {}),
   "softplus_lssar_p3": (dict(attention="softplus"), {"softplus": dict(power=3.0)}),
   "softplus_lssa": (dict(attention="softplus", rope=False), {"softplus": dict(power=0.0)}),
+  "soft": (dict(attention="soft"), {"soft": dict(num_landmarks=5, chunk_size=4)}),
+  "soft_unnormalized_no_conv": (
+    dict(attention="soft"),
+    {"soft": dict(normalize=False, conv_size=0)},
+  ),
   "ssa_gqa": (dict(attention="ssa", num_kv_heads=2), {"ssa": dict(alpha_init=0.5)}),
   # Blocks of 4 tokens: a 9-token prompt spans several blocks of mixed types.
   "nats_l": (dict(attention="nats_l"), {"nats_l": dict(block_size=4, num_heads=2)}),

@@ -84,13 +84,22 @@ class SwiGLU(nnx.Module):
 
 
 class ShortConv(nnx.Module):
-  """Causal depthwise conv over time, then SiLU: [B, T, C] -> [B, T, C].
+  """Causal depthwise conv over time, then SiLU (or nothing): [B, T, C] -> [B, T, C].
 
   The decoding state is the last `kernel_size - 1` inputs, [B, kernel_size - 1, C].
   """
 
-  def __init__(self, channels: int, kernel_size: int, *, axis: str | None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    kernel_size: int,
+    *,
+    axis: str | None,
+    rngs: nnx.Rngs,
+    activation: bool = True,
+  ):
     init = nnx.initializers.normal(0.02)
+    self.activation = activation
     self.kernel = nnx.Param(
       init(rngs.params(), (kernel_size, channels), jnp.float32), out_sharding=(None, axis)
     )
@@ -107,7 +116,7 @@ class ShortConv(nnx.Module):
     padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
     w = self.kernel[...].astype(x.dtype)
     y = sum(padded[:, i : i + t] * w[i] for i in range(self.kernel_size))
-    return jax.nn.silu(y), padded[:, t:]
+    return (jax.nn.silu(y) if self.activation else y), padded[:, t:]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
