@@ -1,0 +1,484 @@
+"""Flash-style causal attention kernels for NVIDIA GPUs (Pallas, Triton lowering).
+
+Backend choice. jax 0.11 offers two Pallas GPU lowerings: Mosaic GPU
+(`jax.experimental.pallas.mosaic_gpu`, `plgpu.kernel`, wgmma/TMA, warp
+specialisation) and the older Triton lowering (`pl.pallas_call` with
+`jax.experimental.pallas.triton.CompilerParams`), deprecated in 0.11 but
+still shipped and working in 0.11.2 (it warns at lowering). These kernels
+use the Triton lowering, because:
+
+- correctness first: the same kernel bodies run in Pallas interpret mode on
+  a CPU, so the CPU test-suite checks the GPU kernels' forward and every
+  gradient (softmax, LSSA, two-pass LSSAR) against the xla path. Mosaic GPU
+  kernels (wgmma, barriers, warpgroup layouts) do not interpret on a CPU
+  jaxlib, and none of this work could be run on a GPU while it was written;
+- the whole family (row and column logit factors, LSSAR's second pass,
+  the ε pass of its backward) is plain tile code here, where a Mosaic GPU
+  version needs hand-managed shared-memory pipelines per variant;
+- Triton emits wgmma on Hopper (sm_90) for bf16 dots, so the forward runs
+  on the tensor cores. Mosaic GPU's FA3-style kernel (jax's
+  `ops/gpu/attention_mgpu.py`) should be faster still; the benchmark
+  (`benchmarks/attention.py`) measures the gap against cuDNN, which decides
+  whether porting the softmax path to Mosaic GPU is worth it.
+
+The explicit `triton.CompilerParams` selects the Triton lowering even where
+`jax_pallas_use_mosaic_gpu` defaults to Mosaic GPU.
+
+Layout: [batch, time, heads, head_dim] as the ops take it (no transposes);
+head_dim is zero-padded to a power of two and T to the block size.
+Kernels (K/V of a head stay in global memory, tiles stream through a loop):
+
+- forward, grid (q_blocks, batch, heads): a loop over the fully visible kv
+  blocks without masking, then the diagonal blocks with the causal mask.
+  LSSAR runs this twice, the first loop for Z and the row max;
+- dq, grid (q_blocks, batch, heads); for LSSAR a first loop computes
+  ε = Σ_j A_ij ∂L/∂A_ij, which the dk/dv kernel then reads;
+- dk/dv, grid (kv_blocks, batch, kv_heads), looping over the query heads
+  of the GQA group and the query blocks at or below the diagonal, so no
+  atomics are needed and results are deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from attnlab.ops.flash import _common, _tile
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (powers of two). Defaults follow common Hopper FA2 settings."""
+
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dq: int = 128
+  block_k_dq: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 128
+  num_warps: int | None = None  # None: 4 for head_dim <= 64, else 8
+  num_stages: int = 2
+
+  def largest(self) -> int:
+    return max(
+      self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dkv,
+      self.block_k_dkv,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  kind: str
+  power: float | None
+  scale: float
+  blocks: BlockSizes
+  interpret: bool
+
+  def params(self, head_dim: int, stages: int | None = None):
+    warps = self.blocks.num_warps or (4 if head_dim <= 64 else 8)
+    return pl_triton.CompilerParams(num_warps=warps, num_stages=stages or self.blocks.num_stages)
+
+
+_BACKWARD_STATS = {
+  "softmax": ("lse", "delta"),
+  "lssa": ("z", "delta"),
+  "lssar": ("z", "xmax", "bsum", "eps", "delta"),
+}
+
+
+def _logits(cfg: _Config, q, k, alpha, beta):
+  """p = q·kᵀ and u = scale·α·β·p ([bq, bk] fp32); alpha [bq, 1], beta [1, bk] or None."""
+  p = lax.dot_general(q, k, _NT, preferred_element_type=_F32)
+  u = p * cfg.scale if cfg.scale != 1.0 else p
+  if alpha is not None:
+    u = u * alpha
+  if beta is not None:
+    u = u * beta
+  return p, u
+
+
+def _causal(q_start, k_start, bq: int, bk: int, masked: bool):
+  """The visibility mask, or True for tiles known to sit below the diagonal."""
+  if not masked:
+    return True
+  rows = q_start + jnp.arange(bq)
+  cols = k_start + jnp.arange(bk)
+  return cols[None, :] <= rows[:, None]
+
+
+def _loop(full, last, body, carry):
+  """body(j, carry, masked) over kv blocks [0, full) unmasked, then [full, last) masked."""
+  carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(full, last, functools.partial(body, masked=True), carry)
+
+
+def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
+  r = dict(zip(names, refs))
+  bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+  i = pl.program_id(0)
+  q_start = i * bq
+  q = r["q"][...]
+  alpha = r["alpha"][...][:, None] if "alpha" in r else None
+  n = (q_start + jnp.arange(bq) + 1).astype(_F32)[:, None]  # 1-based positions
+  # Blocks [0, full) are visible to every row; [full, last) straddle the diagonal.
+  full = lax.div(q_start + 1, bk)
+  last = lax.div(q_start + bq + bk - 1, bk)
+
+  def tile(j, masked):
+    k_start = pl.multiple_of(j * bk, bk)
+    beta = r["beta"][pl.ds(k_start, bk)][None, :] if "beta" in r else None
+    _, u = _logits(cfg, q, r["k"][pl.ds(k_start, bk), :], alpha, beta)
+    return k_start, u, _causal(q_start, k_start, bq, bk, masked)
+
+  def values(k_start):
+    return r["v"][pl.ds(k_start, bk), :]
+
+  def pv(weights, k_start):
+    v = values(k_start)
+    return lax.dot_general(weights.astype(v.dtype), v, _NN, preferred_element_type=_F32)
+
+  dv = r["o"].shape[-1]
+  acc = jnp.zeros((bq, dv), _F32)
+  zeros = jnp.zeros((bq,), _F32)
+
+  if cfg.kind == "softmax":
+
+    def body(j, carry, masked):
+      acc, m, total = carry
+      k_start, u, mask = tile(j, masked)
+      s = u if mask is True else jnp.where(mask, u, _tile.MASK_VALUE)
+      m_next = jnp.maximum(m, jnp.max(s, axis=1))
+      e = jnp.exp(s - m_next[:, None])
+      if mask is not True:
+        e = jnp.where(mask, e, 0.0)
+      corr = jnp.exp(m - m_next)
+      return acc * corr[:, None] + pv(e, k_start), m_next, total * corr + jnp.sum(e, axis=1)
+
+    acc, m, total = _loop(full, last, body, (acc, zeros - jnp.inf, zeros))
+    r["o"][...] = (acc / total[:, None]).astype(r["o"].dtype)
+    r["lse"][...] = m + jnp.log(total)
+    return
+
+  if cfg.kind == "lssa":
+
+    def body(j, carry, masked):
+      acc, z = carry
+      k_start, u, mask = tile(j, masked)
+      a = _tile.softplus(u)
+      if mask is not True:
+        a = jnp.where(mask, a, 0.0)
+      return acc + pv(a, k_start), z + jnp.sum(a, axis=1)
+
+    acc, z = _loop(full, last, body, (acc, zeros))
+    r["o"][...] = (acc / z[:, None]).astype(r["o"].dtype)
+    r["z"][...] = z
+    return
+
+  # LSSAR pass 1: Z and the row max of the softplus weights.
+  def stats(j, carry, masked):
+    z, amax = carry
+    _, u, mask = tile(j, masked)
+    a = _tile.softplus(u)
+    if mask is not True:
+      a = jnp.where(mask, a, 0.0)
+    return z + jnp.sum(a, axis=1), jnp.maximum(amax, jnp.max(a, axis=1))
+
+  z, amax = _loop(full, last, stats, (zeros, zeros))
+  xmax = _tile.lssar_x(amax[:, None], z[:, None], n)  # [bq, 1]
+
+  # Pass 2: the sharpened weights (x / max x)^p and their normalised sum.
+  def body(j, carry, masked):
+    acc, bsum = carry
+    k_start, u, mask = tile(j, masked)
+    b = _tile.power(_tile.lssar_y(_tile.softplus(u), z[:, None], xmax, n, mask), cfg.power)
+    return acc + pv(b, k_start), bsum + jnp.sum(b, axis=1)
+
+  acc, bsum = _loop(full, last, body, (acc, zeros))
+  r["o"][...] = (acc * _tile.safe_inverse(bsum)[:, None]).astype(r["o"].dtype)
+  r["z"][...] = z
+  r["xmax"][...] = xmax[:, 0]
+  r["bsum"][...] = bsum
+
+
+def _row_stats(r, kind: str, index) -> dict:
+  return {name: r[name][index][:, None] for name in _BACKWARD_STATS[kind] if name != "eps"}
+
+
+def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
+  r = dict(zip(names, refs))
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+  i = pl.program_id(0)
+  q_start = i * bq
+  q, do = r["q"][...], r["do"][...]
+  alpha = r["alpha"][...][:, None] if "alpha" in r else None
+  n = (q_start + jnp.arange(bq) + 1).astype(_F32)[:, None]
+  row = _row_stats(r, cfg.kind, Ellipsis)
+  full = lax.div(q_start + 1, bk)
+  last = lax.div(q_start + bq + bk - 1, bk)
+
+  def tile(j, masked):
+    k_start = pl.multiple_of(j * bk, bk)
+    beta = r["beta"][pl.ds(k_start, bk)][None, :] if "beta" in r else None
+    k = r["k"][pl.ds(k_start, bk), :]
+    p, u = _logits(cfg, q, k, alpha, beta)
+    v = r["v"][pl.ds(k_start, bk), :]
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=_F32)
+    return k, beta, p, u, dp, _causal(q_start, k_start, bq, bk, masked)
+
+  if cfg.kind == "lssar":
+
+    def eps_body(j, eps, masked):
+      _, _, _, u, dp, mask = tile(j, masked)
+      part = _tile.lssar_eps_tile(
+        u, mask, dp, row["delta"], z=row["z"], xmax=row["xmax"], bsum=row["bsum"], n=n,
+        p=cfg.power,
+      )  # fmt: skip
+      return eps + jnp.sum(part, axis=1)
+
+    eps = _loop(full, last, eps_body, jnp.zeros((bq,), _F32))
+    r["eps"][...] = eps
+    row["eps"] = eps[:, None]
+
+  def body(j, carry, masked):
+    dq, dalpha = carry
+    k, beta, p, u, dp, mask = tile(j, masked)
+    _, du = _tile.backward_tile(
+      cfg.kind, u, mask, dp, row["delta"], lse=row.get("lse"), z=row.get("z"),
+      xmax=row.get("xmax"), bsum=row.get("bsum"), eps=row.get("eps"), n=n, p=cfg.power,
+    )  # fmt: skip
+    # u = scale·α·β·p: dL/dp = du·scale·α·β, dL/dα = Σ_j du·scale·β·p.
+    dp_raw = du * cfg.scale if cfg.scale != 1.0 else du
+    if beta is not None:
+      dp_raw = dp_raw * beta
+    if alpha is not None:
+      dalpha = dalpha + jnp.sum(dp_raw * p, axis=1)
+      dp_raw = dp_raw * alpha
+    dq = dq + lax.dot_general(dp_raw.astype(k.dtype), k, _NN, preferred_element_type=_F32)
+    return dq, dalpha
+
+  init = (jnp.zeros(q.shape, _F32), jnp.zeros((bq,), _F32))
+  dq, dalpha = _loop(full, last, body, init)
+  r["dq"][...] = dq.astype(r["dq"].dtype)
+  if "dalpha" in r:
+    r["dalpha"][...] = dalpha
+
+
+def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], group: int, num_q: int):
+  r = dict(zip(names, refs))
+  bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+  j, kv_head = pl.program_id(0), pl.program_id(2)
+  k_start = j * bk
+  k, v = r["k"][...], r["v"][...]
+  beta = r["beta"][...][None, :] if "beta" in r else None
+  # Query blocks [first, full) straddle the diagonal; [full, num_q) see the whole kv block.
+  first = lax.div(k_start, bq)
+  full = jnp.minimum(lax.div(k_start + bk - 1 + bq - 1, bq), num_q)
+
+  def q_body(i, carry, masked, head):
+    dk, dv, dbeta = carry
+    q_start = pl.multiple_of(i * bq, bq)
+    rows = pl.ds(q_start, bq)
+    q, do = r["q"][rows, head, :], r["do"][rows, head, :]
+    alpha = r["alpha"][head, rows][:, None] if "alpha" in r else None
+    row = {name: r[name][head, rows][:, None] for name in _BACKWARD_STATS[cfg.kind]}
+    n = (q_start + jnp.arange(bq) + 1).astype(_F32)[:, None]
+    mask = _causal(q_start, k_start, bq, bk, masked)
+    p, u = _logits(cfg, q, k, alpha, beta)
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=_F32)
+    w, du = _tile.backward_tile(
+      cfg.kind, u, mask, dp, row["delta"], lse=row.get("lse"), z=row.get("z"),
+      xmax=row.get("xmax"), bsum=row.get("bsum"), eps=row.get("eps"), n=n, p=cfg.power,
+    )  # fmt: skip
+    dv = dv + lax.dot_general(w.astype(do.dtype), do, _TN, preferred_element_type=_F32)
+    dp_raw = du * cfg.scale if cfg.scale != 1.0 else du
+    if alpha is not None:
+      dp_raw = dp_raw * alpha
+    if beta is not None:
+      dbeta = dbeta + jnp.sum(dp_raw * p, axis=0)
+      dp_raw = dp_raw * beta
+    dk = dk + lax.dot_general(dp_raw.astype(q.dtype), q, _TN, preferred_element_type=_F32)
+    return dk, dv, dbeta
+
+  def head_body(g, carry):
+    head = kv_head * group + g
+    body = lambda i, c, masked: q_body(i, c, masked, head)
+    # Here the masked blocks come first: [first, full) then [full, num_q).
+    carry = lax.fori_loop(first, full, functools.partial(body, masked=True), carry)
+    return lax.fori_loop(full, num_q, functools.partial(body, masked=False), carry)
+
+  init = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32), jnp.zeros((bk,), _F32))
+  dk, dv, dbeta = lax.fori_loop(0, group, head_body, init)
+  r["dk"][...] = dk.astype(r["dk"].dtype)
+  r["dv"][...] = dv.astype(r["dv"].dtype)
+  if "dbeta" in r:
+    r["dbeta"][...] = dbeta
+
+
+def _call(kernel, cfg: _Config, grid, inputs, outputs, head_dim: int, name: str, **kw):
+  """inputs / outputs: lists of (name, array or ShapeDtypeStruct, BlockSpec)."""
+  inputs = [item for item in inputs if item[1] is not None]
+  names = tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs)
+  results = pl.pallas_call(
+    functools.partial(kernel, cfg=cfg, names=names, **kw),
+    grid=grid,
+    in_specs=[spec for _, _, spec in inputs],
+    out_specs=[spec for _, _, spec in outputs],
+    out_shape=[shape for _, shape, _ in outputs],
+    compiler_params=cfg.params(head_dim),
+    interpret=cfg.interpret,
+    name=name,
+  )(*[array for _, array, _ in inputs])
+  return dict(zip([n for n, _, _ in outputs], results))
+
+
+def _forward(q, k, v, alpha, beta, cfg: _Config):
+  b, tp, h, d = q.shape
+  group = h // k.shape[2]
+  dv = v.shape[-1]
+  bq = cfg.blocks.block_q
+  tile = lambda width: pl.BlockSpec((None, bq, None, width), lambda i, b, h: (b, i, h, 0))
+  seq = lambda width: pl.BlockSpec(
+    (None, tp, None, width), lambda i, b, h: (b, 0, lax.div(h, group), 0)
+  )
+  row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  col = pl.BlockSpec((None, None, tp), lambda i, b, h: (b, lax.div(h, group), 0))
+  stats = {"softmax": ("lse",), "lssa": ("z",), "lssar": ("z", "xmax", "bsum")}[cfg.kind]
+  outputs = [("o", jax.ShapeDtypeStruct((b, tp, h, dv), q.dtype), tile(dv))]
+  outputs += [(s, jax.ShapeDtypeStruct((b, h, tp), _F32), row) for s in stats]
+  inputs = [
+    ("q", q, tile(d)), ("k", k, seq(d)), ("v", v, seq(dv)), ("alpha", alpha, row),
+    ("beta", beta, col),
+  ]  # fmt: skip
+  out = _call(
+    _fwd_kernel, cfg, (tp // bq, b, h), inputs, outputs, d, f"attnlab_flash_{cfg.kind}_fwd"
+  )
+  return out.pop("o"), out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, alpha, beta, cfg: _Config):
+  return _forward(q, k, v, alpha, beta, cfg)[0]
+
+
+def _flash_fwd(q, k, v, alpha, beta, cfg: _Config):
+  o, stats = _forward(q, k, v, alpha, beta, cfg)
+  return o, (q, k, v, alpha, beta, o, stats)
+
+
+def _flash_bwd(cfg: _Config, saved, do):
+  q, k, v, alpha, beta, o, stats = saved
+  b, tp, h, d = q.shape
+  hk, dv = k.shape[2], v.shape[-1]
+  group = h // hk
+  do = do.astype(q.dtype)
+  # Σ_d do·o per row, [B, H, T]: a cheap XLA reduction, fused with the transpose.
+  delta = jnp.swapaxes(jnp.sum(o.astype(_F32) * do.astype(_F32), axis=-1), 1, 2)
+  stats = {**stats, "delta": delta}
+
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+  tile = lambda width: pl.BlockSpec((None, bq, None, width), lambda i, b, h: (b, i, h, 0))
+  seq = lambda width: pl.BlockSpec(
+    (None, tp, None, width), lambda i, b, h: (b, 0, lax.div(h, group), 0)
+  )
+  row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  col = pl.BlockSpec((None, None, tp), lambda i, b, h: (b, lax.div(h, group), 0))
+  inputs = [
+    ("q", q, tile(d)), ("k", k, seq(d)), ("v", v, seq(dv)), ("do", do, tile(dv)),
+    ("alpha", alpha, row), ("beta", beta, col),
+  ]  # fmt: skip
+  inputs += [(s, stats[s], row) for s in _BACKWARD_STATS[cfg.kind] if s != "eps"]
+  outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), tile(d))]
+  if alpha is not None:
+    outputs.append(("dalpha", jax.ShapeDtypeStruct((b, h, tp), _F32), row))
+  if cfg.kind == "lssar":
+    outputs.append(("eps", jax.ShapeDtypeStruct((b, h, tp), _F32), row))
+  out_q = _call(
+    _dq_kernel, cfg, (tp // bq, b, h), inputs, outputs, d, f"attnlab_flash_{cfg.kind}_dq"
+  )
+  if cfg.kind == "lssar":
+    stats["eps"] = out_q["eps"]
+
+  bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+  whole = lambda width: pl.BlockSpec((None, tp, h, width), lambda j, b, g: (b, 0, 0, 0))
+  kv_tile = lambda width: pl.BlockSpec((None, bk, None, width), lambda j, b, g: (b, j, g, 0))
+  rows = pl.BlockSpec((None, h, tp), lambda j, b, g: (b, 0, 0))
+  cols = pl.BlockSpec((None, None, bk), lambda j, b, g: (b, g, j))
+  inputs = [
+    ("q", q, whole(d)), ("k", k, kv_tile(d)), ("v", v, kv_tile(dv)), ("do", do, whole(dv)),
+    ("alpha", alpha, rows), ("beta", beta, cols),
+  ]  # fmt: skip
+  inputs += [(s, stats[s], rows) for s in _BACKWARD_STATS[cfg.kind]]
+  outputs = [
+    ("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_tile(d)),
+    ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_tile(dv)),
+  ]
+  if beta is not None:
+    outputs.append(("dbeta", jax.ShapeDtypeStruct((b, hk, tp), _F32), cols))
+  out_kv = _call(
+    _dkv_kernel, cfg, (tp // bk, b, hk), inputs, outputs, d, f"attnlab_flash_{cfg.kind}_dkv",
+    group=group, num_q=tp // bq,
+  )  # fmt: skip
+  return out_q["dq"], out_kv["dk"], out_kv["dv"], out_q.get("dalpha"), out_kv.get("dbeta")
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  alpha: jax.Array | None,
+  beta: jax.Array | None,
+  *,
+  kind: str,
+  power: float | None = None,
+  scale: float = 1.0,
+  blocks: BlockSizes | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """Causal flash attention of the given kind on a GPU (or interpreted).
+
+  Args:
+    q: [batch, time, heads, head_dim]
+    k: [batch, time, kv_heads, head_dim]; kv_heads divides heads.
+    v: [batch, time, kv_heads, head_dim_v]
+    alpha: optional [batch, time, heads] row factor of the logits.
+    beta: optional [batch, time, kv_heads] column factor of the logits.
+    kind: 'softmax', 'lssa' or 'lssar' (needs `power`).
+    scale: constant factor of the logits.
+    blocks: tile sizes and launch parameters.
+    interpret: None (interpret unless the backend is GPU) or a bool.
+
+  Returns:
+    [batch, time, heads, head_dim_v] in q's dtype.
+  """
+  if kind not in _tile.KINDS or (kind == "lssar") != (power is not None):
+    raise ValueError(f"bad kind/power: {kind!r}, {power!r}")
+  _common.check_shapes(q, k, v, "pallas_gpu")
+  dtype = _common.common_dtype(q, k, v, "pallas_gpu")
+  blocks = blocks or BlockSizes()
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  cfg = _Config(kind, None if power is None else float(power), float(scale), blocks, interpret)
+  t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
+  tp = _common.round_up(t, blocks.largest())
+  # Triton tiles need power-of-two widths; zero columns change no dot product.
+  width = lambda n: max(16, pl.next_power_of_2(n))
+  prep = lambda x, n: _common.pad_axis(_common.pad_axis(x.astype(dtype), 1, tp), 3, width(n))
+  rows = lambda x: (
+    None if x is None else _common.pad_axis(jnp.swapaxes(x.astype(_F32), 1, 2), 2, tp)
+  )
+  o = _flash(prep(q, d), prep(k, d), prep(v, dv), rows(alpha), rows(beta), cfg)
+  return o[:, :t, :, :dv].astype(q.dtype)

@@ -1,0 +1,22 @@
+"""Causal LSSA / LSSAR on the GPU flash kernel (LSSAR: two passes per row)."""
+
+from __future__ import annotations
+
+import jax
+
+from attnlab.ops.flash import _common, pallas_gpu
+
+
+def softplus_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  power: float | None = None,
+  **kernel_options,
+) -> jax.Array:
+  """See `attnlab.ops.softplus_attention`; `kernel_options` go to
+  `attnlab.ops.flash.pallas_gpu.flash_attention` (block sizes, interpret)."""
+  alpha, beta = _common.softplus_factors(q, k)
+  kind = "lssa" if power is None else "lssar"
+  return pallas_gpu.flash_attention(q, k, v, alpha, beta, kind=kind, power=power, **kernel_options)
