@@ -22,6 +22,7 @@ DEFAULT_RULES = (
   ("mlp", "tensor"),
   ("vocab", "tensor"),
   ("norm", None),
+  ("layers", None),  # the stacked-layer axis of scan_layers
 )
 
 
@@ -86,6 +87,7 @@ def base_config() -> ConfigDict:
   m.norm_eps = 1e-6
   m.dtype = "float32"  # compute dtype; parameters are always float32
   m.remat = False
+  m.scan_layers = False  # one scanned layer body (uniform variants only): fast compiles
   m.max_len = 256  # default decoding cache length
   m.mixer = registry.default_options()
 
@@ -134,6 +136,7 @@ def pretraining(config: ConfigDict, *, tokenizer: str, dataset: str) -> ConfigDi
   c.model.tie_embeddings = False
   c.model.dtype = "bfloat16"
   c.model.remat = True
+  c.model.scan_layers = True
   c.model.max_len = 2048
 
   d = c.data

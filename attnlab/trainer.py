@@ -46,11 +46,16 @@ def layer_statistics(model: nnx.Module) -> dict[str, jax.Array]:
   """Scalars the mixers sowed as nnx.Intermediate during the forward pass,
   named 'layer_<i>/<name>' (e.g. NAtS-L's attention-block fraction)."""
   stats = {}
+  scanned = getattr(model, "scan_layers", False)
   for path, value in nnx.to_flat_state(nnx.pop(model, nnx.Intermediate)):
+    sown = jnp.asarray(value.get_value() if isinstance(value, nnx.Variable) else value)
     layer = next((p for p in path if isinstance(p, int)), None)
-    name = path[-1] if layer is None else f"layer_{layer}/{path[-1]}"
-    sown = value.get_value() if isinstance(value, nnx.Variable) else value
-    stats[name] = jnp.mean(jnp.asarray(sown))
+    if scanned and path[0] == "blocks":  # [sows, layers, ...]: split the layer axis
+      per_layer = jnp.mean(jnp.moveaxis(sown, 1, 0).reshape(sown.shape[1], -1), axis=1)
+      stats.update({f"layer_{i}/{path[-1]}": per_layer[i] for i in range(sown.shape[1])})
+    else:
+      name = path[-1] if layer is None else f"layer_{layer}/{path[-1]}"
+      stats[name] = jnp.mean(sown)
   return stats
 
 

@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
     "nats_l" if i in NATS_L_LAYERS else "gated_deltanet" for i in range(m.num_layers)
   )
   m.max_len = 8192
+  m.scan_layers = False  # mixed variants: layers are unrolled
   m.mixer.nats_l.num_attn_heads = 12
   m.mixer.nats_l.block_size = 64
 

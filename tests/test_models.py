@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from attnlab import config as config_lib
-from attnlab import optim
+from attnlab import optim, trainer
 from attnlab.models import attention, build_model, layer_mixers
 
 from .conftest import REPO
@@ -111,6 +111,37 @@ def test_nats_l_case_has_mixed_block_types():
   _, hard = block.mixer.block_types(block.attn_norm(model.embed(tokens)))
   attention_typed = hard[:, :5, :, 0]  # the complete blocks
   assert 0 < float(attention_typed.mean()) < 1
+
+
+@pytest.mark.parametrize("variant", ["softmax", "nats_l", "soft"])
+def test_scanned_layers_equal_unrolled_layers(variant):
+  """scan_layers changes only how the layers are stored and compiled."""
+  cfg = _model_config(attention=variant, num_layers=3)
+  cfg.mixer.nats_l.block_size = 4
+  unrolled = build_model(cfg, nnx.Rngs(0))
+  cfg.scan_layers = True
+  scanned = build_model(cfg, nnx.Rngs(1))
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in unrolled.blocks])
+  nnx.update(scanned.blocks, stacked)
+  for name in ("embed", "final_norm"):
+    nnx.update(getattr(scanned, name), nnx.state(getattr(unrolled, name)))
+  assert jax.tree.leaves(nnx.state(scanned.blocks, nnx.Param))[0].shape[0] == 3
+
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 11)))
+  want = unrolled(tokens)
+  np.testing.assert_allclose(scanned(tokens), want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(_decode_all(scanned, tokens, 5), want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(scanned.layer(2)(want[..., :32]), unrolled.blocks[2](want[..., :32]))
+  # Sown per-layer statistics keep their layer names.
+  for model in (scanned, unrolled):
+    nnx.pop(model, nnx.Intermediate)  # drop what earlier calls sowed
+    model(tokens)
+  stats, want_stats = trainer.layer_statistics(scanned), trainer.layer_statistics(unrolled)
+  assert stats.keys() == want_stats.keys()
+  for key in stats:
+    np.testing.assert_allclose(stats[key], want_stats[key], atol=1e-6)
+  with pytest.raises(ValueError, match="same variant"):
+    build_model(_model_config(layer_pattern="softmax,linear", scan_layers=True), nnx.Rngs(0))
 
 
 def test_layer_pattern_builds_the_named_mixers():

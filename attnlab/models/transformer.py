@@ -3,6 +3,11 @@
 Each block is RMSNorm → attention mixer → residual, RMSNorm → SwiGLU →
 residual. The mixer of every layer comes from the registry by name, so one
 model can interleave variants (`config.model.layer_pattern`).
+
+With `model.scan_layers` (every layer the same variant) the blocks are one
+module whose parameters carry a leading 'layers' axis, run by `nnx.scan`:
+XLA then compiles one layer instead of N, which is what keeps compile times
+of deep models flat (MaxText does the same).
 """
 
 from __future__ import annotations
@@ -59,6 +64,17 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
+def _stacked_blocks(model: ConfigDict, name: str, num_layers: int, rngs: nnx.Rngs) -> Block:
+  """num_layers Blocks as one module; parameters gain a leading 'layers' axis."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs: nnx.Rngs) -> Block:
+    return Block(model, name, rngs=rngs)
+
+  return make(rngs)
+
+
 class Transformer(nnx.Module):
   """Decoder-only LM over token ids."""
 
@@ -75,7 +91,18 @@ class Transformer(nnx.Module):
       dtype=self.dtype,
       rngs=rngs,
     )
-    self.blocks = nnx.List([Block(model, name, rngs=rngs) for name in layer_mixers(model)])
+    names = layer_mixers(model)
+    self.num_layers = len(names)
+    self.scan_layers = bool(model.scan_layers)
+    if self.scan_layers:
+      if len(set(names)) != 1:
+        raise ValueError(
+          f"scan_layers needs every layer to use the same variant, got {sorted(set(names))}; "
+          "set model.scan_layers=False for mixed layer patterns"
+        )
+      self.blocks = _stacked_blocks(model, names[0], self.num_layers, rngs)
+    else:
+      self.blocks = nnx.List([Block(model, name, rngs=rngs) for name in names])
     self.final_norm = layers.RMSNorm(model.d_model, eps=model.norm_eps)
     self.lm_head = (
       None
@@ -96,20 +123,32 @@ class Transformer(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] int -> logits [B, T, vocab] float32 (parallel form)."""
     x = sharding.constrain(self.embed(tokens), ("batch", "length", "embed"))
-    for block in self.blocks:
-      if self.remat:
-        x = nnx.remat(lambda blk, h: blk(h))(block, x)
-      else:
-        x = block(x)
+    apply = nnx.remat(lambda blk, h: blk(h)) if self.remat else (lambda blk, h: blk(h))
+    if self.scan_layers:
+      x = nnx.scan(lambda h, blk: apply(blk, h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+        x, self.blocks
+      )
+    else:
+      for block in self.blocks:
+        x = apply(block, x)
     return self._logits(x)
+
+  def layer(self, i: int) -> Block:
+    """Block i (a sliced copy when layers are scanned), e.g. for analysis."""
+    if not self.scan_layers:
+      return self.blocks[i]
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
     """Empty decoding caches for every layer, plus the number of tokens seen."""
     max_len = max_len or self.max_len
-    return {
-      "length": jnp.zeros((), jnp.int32),
-      "layers": [b.mixer.init_cache(batch, max_len, self.dtype) for b in self.blocks],
-    }
+    if self.scan_layers:  # one layer's cache, stacked on a leading layer axis
+      one = self.layer(0).mixer.init_cache(batch, max_len, self.dtype)
+      layer_caches = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
+    else:
+      layer_caches = [b.mixer.init_cache(batch, max_len, self.dtype) for b in self.blocks]
+    return {"length": jnp.zeros((), jnp.int32), "layers": layer_caches}
 
   def step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Consumes tokens [B, t] after `cache['length']` earlier ones.
@@ -119,10 +158,17 @@ class Transformer(nnx.Module):
     """
     start = cache["length"]
     x = self.embed(tokens)
-    new_layers = []
-    for block, layer_cache in zip(self.blocks, cache["layers"]):
-      x, layer_cache = block.step(x, layer_cache, start)
-      new_layers.append(layer_cache)
+    if self.scan_layers:
+      x, new_layers = nnx.scan(
+        lambda h, blk, c: blk.step(h, c, start),
+        in_axes=(nnx.Carry, 0, 0),
+        out_axes=(nnx.Carry, 0),
+      )(x, self.blocks, cache["layers"])
+    else:
+      new_layers = []
+      for block, layer_cache in zip(self.blocks, cache["layers"]):
+        x, layer_cache = block.step(x, layer_cache, start)
+        new_layers.append(layer_cache)
     return self._logits(x), {"length": start + tokens.shape[1], "layers": new_layers}
 
 
