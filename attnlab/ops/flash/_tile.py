@@ -89,6 +89,7 @@ def backward_tile(
   eps=None,
   n=None,
   p=None,
+  base2: bool = False,
 ):
   """Weights w (for dv = wᵀ·do) and logit cotangents du of one tile.
 
@@ -98,7 +99,9 @@ def backward_tile(
       bsum and eps = Σ_j A_ij·dL/dA_ij (lssar); n: 1-based row positions.
   """
   if kind == "softmax":
-    w = jnp.where(mask, jnp.exp(u - lse), 0.0)
+    # base2: u and lse are in log2 units (the GPU kernels use exp2); du is
+    # still the cotangent of the natural-log logits.
+    w = jnp.where(mask, (jnp.exp2 if base2 else jnp.exp)(u - lse), 0.0)
     return w, w * (dp - delta)
   a = softplus(u)
   inv_z = 1.0 / z

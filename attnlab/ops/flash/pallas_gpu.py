@@ -55,6 +55,7 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _F32 = jnp.float32
+LOG2_E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +99,14 @@ _BACKWARD_STATS = {
 
 
 def _logits(cfg: _Config, q, k, alpha, beta):
-  """p = q·kᵀ and u = scale·α·β·p ([bq, bk] fp32); alpha [bq, 1], beta [1, bk] or None."""
+  """p = q·kᵀ and u = scale·α·β·p ([bq, bk] fp32); alpha [bq, 1], beta [1, bk] or None.
+
+  Softmax logits come in log2 units (times log2 e) so that exp2, a single
+  MUFU instruction, replaces exp; the lse residual is in log2 units too.
+  """
   p = lax.dot_general(q, k, _NT, preferred_element_type=_F32)
-  u = p * cfg.scale if cfg.scale != 1.0 else p
+  scale = cfg.scale * LOG2_E if cfg.kind == "softmax" else cfg.scale
+  u = p * scale if scale != 1.0 else p
   if alpha is not None:
     u = u * alpha
   if beta is not None:
@@ -130,7 +136,8 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
   q_start = i * bq
   q = r["q"][...]
   alpha = r["alpha"][...][:, None] if "alpha" in r else None
-  n = (q_start + jnp.arange(bq) + 1).astype(_F32)[:, None]  # 1-based positions
+  positions = (q_start + jnp.arange(bq) + 1).astype(_F32)  # 1-based, i in the formulas
+  n = positions[:, None]
   # Blocks [0, full) are visible to every row; [full, last) straddle the diagonal.
   full = lax.div(q_start + 1, bk)
   last = lax.div(q_start + bq + bk - 1, bk)
@@ -159,15 +166,15 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
       k_start, u, mask = tile(j, masked)
       s = u if mask is True else jnp.where(mask, u, _tile.MASK_VALUE)
       m_next = jnp.maximum(m, jnp.max(s, axis=1))
-      e = jnp.exp(s - m_next[:, None])
+      e = jnp.exp2(s - m_next[:, None])
       if mask is not True:
         e = jnp.where(mask, e, 0.0)
-      corr = jnp.exp(m - m_next)
+      corr = jnp.exp2(m - m_next)
       return acc * corr[:, None] + pv(e, k_start), m_next, total * corr + jnp.sum(e, axis=1)
 
     acc, m, total = _loop(full, last, body, (acc, zeros - jnp.inf, zeros))
     r["o"][...] = (acc / total[:, None]).astype(r["o"].dtype)
-    r["lse"][...] = m + jnp.log(total)
+    r["lse"][...] = m + jnp.log2(total)  # log2 units
     return
 
   if cfg.kind == "lssa":
@@ -195,19 +202,20 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     return z + jnp.sum(a, axis=1), jnp.maximum(amax, jnp.max(a, axis=1))
 
   z, amax = _loop(full, last, stats, (zeros, zeros))
-  xmax = _tile.lssar_x(amax[:, None], z[:, None], n)  # [bq, 1]
+  xmax = _tile.lssar_x(amax, z, positions)  # the row max of x, from the row max of a
 
   # Pass 2: the sharpened weights (x / max x)^p and their normalised sum.
   def body(j, carry, masked):
     acc, bsum = carry
     k_start, u, mask = tile(j, masked)
-    b = _tile.power(_tile.lssar_y(_tile.softplus(u), z[:, None], xmax, n, mask), cfg.power)
+    y = _tile.lssar_y(_tile.softplus(u), z[:, None], xmax[:, None], n, mask)
+    b = _tile.power(y, cfg.power)
     return acc + pv(b, k_start), bsum + jnp.sum(b, axis=1)
 
   acc, bsum = _loop(full, last, body, (acc, zeros))
   r["o"][...] = (acc * _tile.safe_inverse(bsum)[:, None]).astype(r["o"].dtype)
   r["z"][...] = z
-  r["xmax"][...] = xmax[:, 0]
+  r["xmax"][...] = xmax
   r["bsum"][...] = bsum
 
 
@@ -256,6 +264,7 @@ def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     _, du = _tile.backward_tile(
       cfg.kind, u, mask, dp, row["delta"], lse=row.get("lse"), z=row.get("z"),
       xmax=row.get("xmax"), bsum=row.get("bsum"), eps=row.get("eps"), n=n, p=cfg.power,
+      base2=True,
     )  # fmt: skip
     # u = scale·α·β·p: dL/dp = du·scale·α·β, dL/dα = Σ_j du·scale·β·p.
     dp_raw = du * cfg.scale if cfg.scale != 1.0 else du
@@ -299,6 +308,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], group: int, num_q: 
     w, du = _tile.backward_tile(
       cfg.kind, u, mask, dp, row["delta"], lse=row.get("lse"), z=row.get("z"),
       xmax=row.get("xmax"), bsum=row.get("bsum"), eps=row.get("eps"), n=n, p=cfg.power,
+      base2=True,
     )  # fmt: skip
     dv = dv + lax.dot_general(w.astype(do.dtype), do, _TN, preferred_element_type=_F32)
     dp_raw = du * cfg.scale if cfg.scale != 1.0 else du

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,15 +60,7 @@ class _Config:
   scale: float
   block_q: int
   block_k: int
-  interpret: str | None  # None (compile for TPU), 'tpu' (InterpretParams) or 'hlo'
-  detect_races: bool = False
-
-  def interpret_arg(self):
-    if self.interpret is None:
-      return False
-    if self.interpret == "hlo":
-      return True
-    return pltpu.InterpretParams(detect_races=self.detect_races)
+  interpret: Any  # False (compile for TPU), True (HLO interpret) or pltpu.InterpretParams
 
 
 def _lanes(x: jax.Array, width: int) -> jax.Array:
@@ -299,7 +292,7 @@ def _row_call(cfg: _Config, phase: str, arrays: dict, out_dtype):
     compiler_params=pltpu.CompilerParams(
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
     ),
-    interpret=cfg.interpret_arg(),
+    interpret=cfg.interpret,
     name=f"attnlab_flash_{cfg.kind}_{phase}",
   )(*inputs)
   return dict(zip([name for name, _, _ in outs], results))
@@ -412,7 +405,7 @@ def _dkv_call(cfg: _Config, arrays: dict):
     compiler_params=pltpu.CompilerParams(
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
     ),
-    interpret=cfg.interpret_arg(),
+    interpret=cfg.interpret,
     name=f"attnlab_flash_{cfg.kind}_dkv",
   )(*inputs)
   return dict(zip([name for name, _, _ in outs], results))
@@ -487,8 +480,7 @@ def flash_attention(
   scale: float = 1.0,
   block_q: int | None = None,
   block_k: int | None = None,
-  interpret: str | bool | None = None,
-  detect_races: bool = False,
+  interpret: Any = None,
 ) -> jax.Array:
   """Causal flash attention of the given kind on TPU (or interpreted).
 
@@ -501,8 +493,8 @@ def flash_attention(
     kind: 'softmax', 'lssa' or 'lssar' (needs `power`).
     scale: constant factor of the logits.
     block_q, block_k: tile sizes, multiples of 128 (default up to 512).
-    interpret: None (interpret unless the backend is TPU), 'tpu' (TPU
-      interpret mode), 'hlo' / True (plain HLO interpret mode) or False.
+    interpret: None (TPU interpret mode unless the backend is TPU), False,
+      True (plain HLO interpret mode) or a `pltpu.InterpretParams`.
 
   Returns:
     [batch, time, heads, head_dim_v] in q's dtype.
@@ -518,12 +510,9 @@ def flash_attention(
   if bq % LANES or bk % LANES:
     raise ValueError(f"TPU blocks must be multiples of {LANES}; got {bq}, {bk}")
   if interpret is None:
-    interpret = None if jax.default_backend() == "tpu" else "tpu"
-  elif interpret is True:
-    interpret = "hlo"
-  elif interpret is False:
-    interpret = None
-  cfg = _Config(kind, power, float(scale), bq, bk, interpret, detect_races)
+    interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+  power = None if power is None else float(power)
+  cfg = _Config(kind, power, float(scale), bq, bk, interpret)
   tp = _common.round_up(t, math.lcm(bq, bk))
   to_kernel = lambda x: _common.pad_axis(jnp.swapaxes(x.astype(dtype), 1, 2), 2, tp)
   rows = lambda x: (

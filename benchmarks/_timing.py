@@ -1,0 +1,100 @@
+"""Shared timing and reporting helpers for the benchmarks (jax and numpy only).
+
+Timing follows device practice: compile and warm up first, then take the
+median wall time of many runs, each ended by `jax.block_until_ready`, on
+random (never all-zero) inputs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def time_fn(
+  fn: Callable,
+  args: Sequence,
+  *,
+  warmup: int = 3,
+  min_runs: int = 10,
+  max_runs: int = 200,
+  min_seconds: float = 1.0,
+) -> dict:
+  """Median seconds per call of `fn(*args)` after compilation and warm-up.
+
+  Runs at least `min_runs` times and until `min_seconds` have passed (at most
+  `max_runs`), so fast kernels get many samples and slow ones a few.
+  """
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))  # compile
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  samples: list[float] = []
+  begin = time.perf_counter()
+  while len(samples) < max_runs and (
+    len(samples) < min_runs or time.perf_counter() - begin < min_seconds
+  ):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    samples.append(time.perf_counter() - start)
+  return {
+    "median_s": statistics.median(samples),
+    "p10_s": float(np.percentile(samples, 10)),
+    "p90_s": float(np.percentile(samples, 90)),
+    "runs": len(samples),
+    "compile_s": compile_s,
+  }
+
+
+def environment() -> dict:
+  """Date, device and software versions for the results header."""
+  device = jax.devices()[0]
+  import jaxlib
+
+  return {
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    "platform": device.platform,
+    "device": getattr(device, "device_kind", str(device)),
+    "device_count": jax.device_count(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "python": platform.python_version(),
+    "host": platform.machine(),
+  }
+
+
+def fit_exponent(sizes: Sequence[float], seconds: Sequence[float]) -> float:
+  """Slope of log(seconds) against log(size): cost ∝ size^slope."""
+  slope, _ = np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(seconds, float)), 1)
+  return float(slope)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else ("—" if x is None else str(x))
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_results(stem: str, env: dict, payload: dict, markdown: str) -> tuple[pathlib.Path, ...]:
+  """Writes `<stem>_<device>_<date>.{json,md}` under benchmarks/results/."""
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  device = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
+  name = f"{stem}_{device}_{env['date'][:10]}"
+  json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+  json_path.write_text(json.dumps({"environment": env, **payload}, indent=2) + "\n")
+  header = ", ".join(f"{k} {v}" for k, v in env.items())
+  md_path.write_text(f"{markdown.rstrip()}\n\n_{header}_\n")
+  return json_path, md_path
