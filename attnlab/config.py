@@ -81,6 +81,7 @@ def base_config() -> ConfigDict:
   m.layer_pattern = ""  # comma-separated names tiled over layers; '' = attention
   m.rope = placeholder(bool)  # None: the variant's default
   m.rope_theta = 10_000.0
+  m.rope_fraction = 1.0  # share of head_dim rotated; the rest is position-free
   m.qk_norm = False
   m.qkv_bias = False  # biases on q/k/v give position-only heads a content-free direction
   m.tie_embeddings = True

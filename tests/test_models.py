@@ -10,7 +10,7 @@ from flax import nnx
 
 from attnlab import config as config_lib
 from attnlab import optim, trainer
-from attnlab.models import attention, build_model, layer_mixers
+from attnlab.models import attention, build_model, layer_mixers, layers
 
 from .conftest import REPO
 
@@ -166,6 +166,19 @@ def test_rope_switch_changes_outputs_and_is_position_sensitive():
   assert float(jnp.abs(with_rope - without).max()) > 1e-3
   # The first position has no rotation, so both agree there.
   np.testing.assert_allclose(with_rope[:, 0], without[:, 0], atol=1e-5)
+
+
+def test_partial_rotary_rotates_only_the_leading_dims():
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 2, 8)), jnp.float32)
+  positions = jnp.arange(6)
+  full = layers.apply_rope(x, positions, 100.0)
+  half = layers.apply_rope(x, positions, 100.0, fraction=0.5)
+  np.testing.assert_array_equal(half[..., 4:], x[..., 4:])  # position-free dims
+  np.testing.assert_allclose(half[..., :4], layers.apply_rope(x[..., :4], positions, 100.0))
+  # Rotations preserve norms.
+  np.testing.assert_allclose(jnp.linalg.norm(full, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  with pytest.raises(ValueError, match="rotates no dims"):
+    layers.apply_rope(x, positions, 100.0, fraction=0.1)
 
 
 def test_untied_head_and_bf16_compute():

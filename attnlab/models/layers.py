@@ -51,24 +51,33 @@ class RMSNorm(nnx.Module):
     return (normed * self.scale[...]).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(
+  x: jax.Array, positions: jax.Array, theta: float, fraction: float = 1.0
+) -> jax.Array:
   """Rotary embedding, rotating half-split pairs (Llama/NeoX layout).
 
   Args:
-    x: [batch, time, heads, head_dim] with even head_dim.
+    x: [batch, time, heads, head_dim].
     positions: [time] or [batch, time] absolute integer positions.
+    theta: base of the frequencies.
+    fraction: share of head_dim that is rotated (partial rotary, as in
+      GPT-NeoX); the remaining dims stay position-free for content matching.
   """
   d = x.shape[-1]
-  if d % 2:
-    raise ValueError(f"RoPE needs an even head_dim, got {d}")
-  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
-  angles = positions.astype(jnp.float32)[..., None] * freqs  # [(B,) T, D/2]
+  rotated_dims = 2 * int(d * fraction // 2)
+  if not 0 < rotated_dims <= d:
+    raise ValueError(f"RoPE rotates no dims: head_dim={d}, fraction={fraction}")
+  x32 = x.astype(jnp.float32)
+  x_rot, x_pass = x32[..., :rotated_dims], x32[..., rotated_dims:]
+  half = rotated_dims // 2
+  freqs = theta ** (-jnp.arange(0, half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [(B,) T, half]
   if angles.ndim == 2:
     angles = angles[None]
   sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass], axis=-1)
+  return out.astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):

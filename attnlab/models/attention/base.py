@@ -64,6 +64,7 @@ class QKVProjection(nnx.Module):
     self.k_norm = layers.RMSNorm(hd, eps=model.norm_eps) if model.qk_norm else None
     self.use_rope = use_rope
     self.rope_theta = model.rope_theta
+    self.rope_fraction = model.rope_fraction
     self.shape = (h, hkv, hd)
 
   def project(self, x: jax.Array):
@@ -81,8 +82,8 @@ class QKVProjection(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.use_rope:
-      q = layers.apply_rope(q, positions, self.rope_theta)
-      k = layers.apply_rope(k, positions, self.rope_theta)
+      q = layers.apply_rope(q, positions, self.rope_theta, self.rope_fraction)
+      k = layers.apply_rope(k, positions, self.rope_theta, self.rope_fraction)
     return q, k
 
   def __call__(self, x: jax.Array, positions: jax.Array):
