@@ -80,5 +80,7 @@ def lucid_attention(
   Returns:
     [batch, time, heads, head_dim_v] in q.dtype.
   """
-  v_prime = lucid_values(k, v, eps=eps, block_size=block_size, implementation=implementation)
+  # The softmax part can run on a flash kernel; V′ has no kernel path.
+  values_impl = implementation if implementation in (None, "xla", "reference") else "xla"
+  v_prime = lucid_values(k, v, eps=eps, block_size=block_size, implementation=values_impl)
   return softmax_attention(q, k, v_prime, scale=scale, implementation=implementation)

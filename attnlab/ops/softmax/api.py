@@ -1,13 +1,50 @@
-"""Public causal softmax attention ops with backend dispatch."""
+"""Public causal softmax attention ops with backend dispatch.
+
+Implementations: 'xla' (dense, any backend), 'reference' (per-query oracle),
+'pallas_tpu' and 'pallas_gpu' (flash kernels, `attnlab.ops.flash`; on other
+backends they run in interpret mode) and 'cudnn'
+(`jax.nn.dot_product_attention`, GPU only). The kernel paths serve full
+sequences; `softmax_attention_cached` (prefill chunks, decoding) runs 'xla'
+for them.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
+import jax.numpy as jnp
 
 from attnlab.ops import _dtypes
-from attnlab.ops.softmax import reference, xla
 
-_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+_IMPLEMENTATIONS = ("xla", "reference", "pallas_tpu", "pallas_gpu", "cudnn")
+_KERNELS = ("pallas_tpu", "pallas_gpu", "cudnn")
+_KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def _best(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
+  """The fastest path for this backend and these inputs.
+
+  TPU: the Pallas kernel. GPU: cuDNN where it applies (one 16-bit dtype,
+  head_dim <= 128 and a multiple of 8, equal q/v head dims), else the Pallas
+  kernel. Elsewhere, and for float64, the dense XLA path.
+  """
+  backend = jax.default_backend()
+  dtypes = {q.dtype, k.dtype, v.dtype}
+  if backend not in ("tpu", "gpu") or not dtypes <= set(map(jnp.dtype, _KERNEL_DTYPES)):
+    return "xla"
+  if backend == "tpu":
+    return "pallas_tpu"
+  d = q.shape[-1]
+  cudnn_ok = len(dtypes) == 1 and q.dtype != jnp.float32 and d <= 128 and d % 8 == 0
+  return "cudnn" if cudnn_ok and v.shape[-1] == d else "pallas_gpu"
+
+
+def _module(implementation: str | None, q, k, v, op_name: str):
+  if implementation is None:
+    implementation = _best(q, k, v)
+  impl = _dtypes.resolve_implementation(implementation, _IMPLEMENTATIONS, op_name)
+  return importlib.import_module(f"attnlab.ops.softmax.{impl}")
 
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, logit_scale) -> None:
@@ -48,7 +85,9 @@ def softmax_attention(
     scale: logit scale, default head_dim**-0.5.
     logit_scale: optional [batch, time, heads] multiplier of each query's
       logits (selective attention's temperature).
-    implementation: None (best for backend), 'xla' or 'reference'.
+    implementation: None (best for the backend: 'pallas_tpu' on TPU, 'cudnn'
+      or 'pallas_gpu' on GPU, 'xla' elsewhere), 'xla', 'reference',
+      'pallas_tpu', 'pallas_gpu' or 'cudnn'.
 
   Returns:
     [batch, time, heads, head_dim_v] in q.dtype.
@@ -59,10 +98,8 @@ def softmax_attention(
       f"q has {q.shape[1]} steps but k has {k.shape[1]}; use "
       "softmax_attention_cached for queries against a cache"
     )
-  impl = _dtypes.resolve_implementation(
-    implementation, tuple(_IMPLEMENTATIONS), "softmax_attention"
-  )
-  return _IMPLEMENTATIONS[impl].softmax_attention(q, k, v, scale=scale, logit_scale=logit_scale)
+  module = _module(implementation, q, k, v, "softmax_attention")
+  return module.softmax_attention(q, k, v, scale=scale, logit_scale=logit_scale)
 
 
 def softmax_attention_cached(
@@ -88,12 +125,12 @@ def softmax_attention_cached(
     cache_length: scalar int, the number of valid cache rows.
 
   Returns:
-    [batch, q_time, heads, head_dim_v] in q.dtype.
+    [batch, q_time, heads, head_dim_v] in q.dtype. The kernel implementations
+    run 'xla' here.
   """
   _check(q, k_cache, v_cache, logit_scale)
-  impl = _dtypes.resolve_implementation(
-    implementation, tuple(_IMPLEMENTATIONS), "softmax_attention_cached"
-  )
-  return _IMPLEMENTATIONS[impl].softmax_attention_cached(
+  _dtypes.resolve_implementation(implementation, _IMPLEMENTATIONS, "softmax_attention_cached")
+  impl = "reference" if implementation == "reference" else "xla"
+  return _module(impl, q, k_cache, v_cache, "softmax_attention_cached").softmax_attention_cached(
     q, k_cache, v_cache, cache_length, scale=scale, logit_scale=logit_scale
   )
