@@ -83,6 +83,7 @@ def base_config() -> ConfigDict:
   m.rope_theta = 10_000.0
   m.rope_fraction = 1.0  # share of head_dim rotated; the rest is position-free
   m.qk_norm = False
+  m.canon_conv = 0  # k > 0: mixer input h + causal depthwise conv_k(h) (Canon layer)
   m.qkv_bias = False  # biases on q/k/v give position-only heads a content-free direction
   m.tie_embeddings = True
   m.norm_eps = 1e-6

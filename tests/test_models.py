@@ -40,6 +40,11 @@ CASES = {
   "softmax": (dict(attention="softmax"), {}),
   "softmax_gqa_qknorm": (dict(attention="softmax", num_kv_heads=2, qk_norm=True), {}),
   "softmax_nope": (dict(attention="softmax", rope=False), {}),
+  "softmax_canon_conv": (dict(attention="softmax", canon_conv=4), {}),
+  "gated_deltanet_canon_conv_scanned": (
+    dict(attention="gated_deltanet", canon_conv=3, scan_layers=True),
+    {"gated_deltanet": dict(chunk_size=4)},
+  ),
   "linear_elu_normalized": (dict(attention="linear"), {}),
   "linear_relu_gqa": (
     dict(attention="linear", num_kv_heads=1),
@@ -86,7 +91,7 @@ def _case_config(case):
 def _randomize_temperatures(model):
   """SSA starts as vanilla attention; give its temperatures real values."""
   rng = np.random.default_rng(7)
-  for block in model.blocks:
+  for block in [model.blocks] if model.scan_layers else model.blocks:  # stacked when scanned
     for name in ("ssa_u_q", "ssa_u_v"):
       if hasattr(block.mixer, name):
         param = getattr(block.mixer, name)

@@ -43,23 +43,54 @@ def layer_mixers(model: ConfigDict) -> list[str]:
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: [B, T, d_model] -> [B, T, d_model]."""
+  """Pre-norm residual block: [B, T, d_model] -> [B, T, d_model].
+
+  With `model.canon_conv` = k > 0 the mixer's input is h + conv_k(h), h the
+  normed input: a causal depthwise conv over the last k positions (a Canon
+  layer, Allen-Zhu 2025), which hands every token its neighbours' features.
+  """
 
   def __init__(self, model: ConfigDict, mixer_name: str, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(model.dtype)
     self.mixer_name = mixer_name
     self.attn_norm = layers.RMSNorm(model.d_model, eps=model.norm_eps)
+    self.canon = (
+      layers.ShortConv(model.d_model, model.canon_conv, axis=None, rngs=rngs, activation=False)
+      if model.canon_conv
+      else None
+    )
     self.mixer = attention.build(mixer_name, model, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(model.d_model, eps=model.norm_eps)
     self.mlp = layers.SwiGLU(model.d_model, model.mlp_dim, dtype=dtype, rngs=rngs)
 
+  def mixer_input(self, x: jax.Array, canon_state: jax.Array | None = None):
+    """x [B, T, d_model] -> (the mixer's input [B, T, d_model], new canon state)."""
+    h = self.attn_norm(x)
+    if self.canon is None:
+      return h, None
+    mixed, canon_state = self.canon(h, canon_state)
+    return h + mixed, canon_state
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.mixer(self.attn_norm(x))
+    x = x + self.mixer(self.mixer_input(x)[0])
     x = sharding.constrain(x, ("batch", "length", "embed"))
     return x + self.mlp(self.mlp_norm(x))
 
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype):
+    """The mixer's cache, plus the canon conv's state when there is one."""
+    cache = self.mixer.init_cache(batch, max_len, dtype)
+    if self.canon is None:
+      return cache
+    return {"mixer": cache, "canon": self.canon.init_state(batch, dtype)}
+
   def step(self, x: jax.Array, cache, start: jax.Array):
-    y, cache = self.mixer.step(self.attn_norm(x), cache, start)
+    if self.canon is None:
+      h, _ = self.mixer_input(x)
+      y, cache = self.mixer.step(h, cache, start)
+    else:
+      h, canon_state = self.mixer_input(x, cache["canon"])
+      y, mixer_cache = self.mixer.step(h, cache["mixer"], start)
+      cache = {"mixer": mixer_cache, "canon": canon_state}
     x = x + y
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -144,10 +175,10 @@ class Transformer(nnx.Module):
     """Empty decoding caches for every layer, plus the number of tokens seen."""
     max_len = max_len or self.max_len
     if self.scan_layers:  # one layer's cache, stacked on a leading layer axis
-      one = self.layer(0).mixer.init_cache(batch, max_len, self.dtype)
+      one = self.layer(0).init_cache(batch, max_len, self.dtype)
       layer_caches = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
     else:
-      layer_caches = [b.mixer.init_cache(batch, max_len, self.dtype) for b in self.blocks]
+      layer_caches = [b.init_cache(batch, max_len, self.dtype) for b in self.blocks]
     return {"length": jnp.zeros((), jnp.int32), "layers": layer_caches}
 
   def step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
