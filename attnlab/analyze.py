@@ -70,7 +70,7 @@ def run(
   outdir: str | None = None,
 ) -> dict:
   """Analyses `workdir`; returns the summary also written to outdir/summary.json."""
-  from attnlab.analysis import plots, report  # plots pulls in matplotlib
+  from attnlab.analysis import collect, plots, report  # plots pulls in matplotlib
 
   outdir = outdir or os.path.join(workdir, "analysis")
   start = time.time()
@@ -81,7 +81,7 @@ def run(
   logging.info(
     "step %d, %d layers; analysing %d eval sequences of length %d",
     step,
-    len(model.blocks),
+    collect.num_layers(model),
     *tokens.shape,
   )
   results, skipped = report.analyze_model(model, tokens, layers, progress=logging.info)

@@ -15,6 +15,7 @@ reports) layers whose variant has no adapter.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -109,27 +110,76 @@ register_adapter("softplus", Adapter(_softmax_family_forms("softplus"), _out_rea
 # Linear attention -------------------------------------------------------------------
 
 
+def normalized_linear_form(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, floor: float | None = None, positive: bool = False
+) -> F.ScalarForm:
+  """DSF form of normalised linear attention over features q, k [B,H,T,N], v [B,H,T,dv].
+
+  The normaliser η_t = q_t·Σ_{s≤t} k_s (clamped below at `floor` if given)
+  goes into the state: λ_t = η_{t−1}/η_t, b_t = k_t/η_t, c_t = q_t, so the
+  state is h_t = Σ_{s≤t} k_s u_sᵀ / η_t. `positive` promises η_t > 0.
+  """
+  eta = jnp.einsum("bhtd,bhtd->bht", q, jnp.cumsum(k, axis=2))
+  if floor is not None:
+    eta = jnp.maximum(eta, floor)
+  log_eta = jnp.log(jnp.abs(eta))
+  previous = jnp.pad(log_eta, ((0, 0), (0, 0), (1, 0)))[..., :-1]
+  log_lam = (previous - log_eta).at[..., 0].set(0.0)
+  sign = None
+  if not positive:
+    previous_sign = jnp.pad(jnp.sign(eta), ((0, 0), (0, 0), (1, 0)), constant_values=1.0)
+    sign = jnp.sign(eta) * previous_sign[..., :-1]
+  return F.ScalarForm(log_lam, k / eta[..., None], q, v, sign)
+
+
 def _linear_forms(mixer: nnx.Module, x: jax.Array) -> Forms:
-  """DSF form with the normaliser in the state: λ_t = η_{t−1}/η_t, b_t = φ(k_t)/η_t,
-  η_t = φ(q_t)·Σ_{s≤t} φ(k_s); unnormalised: λ_t = 1, c_t = φ(q_t)/√D."""
+  """Normalised: see `normalized_linear_form`; unnormalised: λ_t = 1, c_t = φ(q_t)/√D."""
   dt = _dtype(x)
   q, k, v = mixer._features(x, jnp.arange(x.shape[1]))
   q, k, v = (_heads_first(a, dt) for a in (q, k, v))
   if not mixer.normalize:
     return {"main": F.ScalarForm(jnp.zeros(q.shape[:3], dt), k, q * q.shape[-1] ** -0.5, v)}
-  eta = jnp.einsum("bhtd,bhtd->bht", q, jnp.cumsum(k, axis=2))
-  log_eta = jnp.log(jnp.abs(eta))
-  previous = jnp.pad(log_eta, ((0, 0), (0, 0), (1, 0)))[..., :-1]
-  log_lam = (previous - log_eta).at[..., 0].set(0.0)
-  sign = None
-  if mixer.feature_map not in ("elu1", "relu"):  # non-negative features keep η_t > 0
-    previous_sign = jnp.pad(jnp.sign(eta), ((0, 0), (0, 0), (1, 0)), constant_values=1.0)
-    sign = jnp.sign(eta) * previous_sign[..., :-1]
-  form = F.ScalarForm(log_lam, k / eta[..., None], q, v, sign)
-  return {"main": form}
+  # Non-negative feature maps keep η_t > 0.
+  positive = mixer.feature_map in ("elu1", "relu")
+  return {"main": normalized_linear_form(q, k, v, positive=positive)}
 
 
 register_adapter("linear", Adapter(_linear_forms, _out_readout))
+
+
+# SOFT: linear attention over Nyström Gaussian-kernel features ---------------------
+
+
+def _soft_forms(mixer: nnx.Module, x: jax.Array) -> Forms:
+  """Features P A⁺ (query side) and P (key side) from the op's own Nyström map;
+  state [m, dv] per head. The causal conv skip on v is outside the form."""
+  from attnlab.ops.soft import api as soft_api
+  from attnlab.ops.soft import xla as soft_xla
+
+  dt = _dtype(x)
+  b, t, _ = x.shape
+  opts = mixer.options
+  q = mixer.q(x).reshape(b, t, mixer.num_heads, mixer.head_dim).astype(dt)
+  v = mixer.v(x).reshape(q.shape)
+  q_side, k_side = soft_xla.nystrom_features(
+    q, mixer.landmarks[...].astype(dt), newton_iters=opts.newton_iters, ridge=opts.ridge
+  )
+  q_side, k_side, v = (_heads_first(a, dt) for a in (q_side, k_side, v))
+  if not opts.normalize:
+    return {"main": F.ScalarForm(jnp.zeros(q_side.shape[:3], dt), k_side, q_side, v)}
+  floor = inspect.signature(soft_api.soft_attention).parameters["eps"].default
+  return {"main": normalized_linear_form(q_side, k_side, v, floor=floor, positive=True)}
+
+
+def _soft_readout(mixer, x, outputs):
+  b, t, _ = x.shape
+  o = _time_first(outputs["main"]).reshape(b, t, -1).astype(mixer.dtype)
+  if mixer.v_conv is not None:
+    o = o + mixer.v_conv(mixer.v(x))[0]
+  return mixer.out(o)
+
+
+register_adapter("soft", Adapter(_soft_forms, _soft_readout))
 
 
 # Gated DeltaNet ---------------------------------------------------------------------
@@ -260,6 +310,16 @@ def _capture_layer(mixer, x, variant):
   return forms, form_errors(mixer, variant, x, forms)
 
 
+def num_layers(model: nnx.Module) -> int:
+  """Number of blocks of a Transformer (scanned or not)."""
+  return getattr(model, "num_layers", None) or len(model.blocks)
+
+
+def model_layer(model: nnx.Module, i: int) -> nnx.Module:
+  """Block i of a Transformer; a sliced copy when its layers are scanned."""
+  return model.layer(i) if hasattr(model, "layer") else model.blocks[i]
+
+
 @nnx.jit
 def _block(block, x):
   return block(x)
@@ -278,13 +338,15 @@ def capture_layers(
     (captures, skipped): one LayerCapture per analysed layer, and messages
     for layers skipped because their variant has no adapter.
   """
-  chosen = set(range(len(model.blocks))) if layers is None else set(layers)
-  bad = sorted(i for i in chosen if not 0 <= i < len(model.blocks))
+  count = num_layers(model)
+  chosen = set(range(count)) if layers is None else set(layers)
+  bad = sorted(i for i in chosen if not 0 <= i < count)
   if bad:
-    raise ValueError(f"layers {bad} out of range: the model has {len(model.blocks)} layers")
+    raise ValueError(f"layers {bad} out of range: the model has {count} layers")
   captures, skipped = [], []
   x = model.embed(tokens)
-  for i, block in enumerate(model.blocks):
+  for i in range(count):
+    block = model_layer(model, i)
     if i in chosen:
       if block.mixer_name in ADAPTERS:
         forms, errors = _capture_layer(block.mixer, block.attn_norm(x), block.mixer_name)

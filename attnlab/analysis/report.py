@@ -168,6 +168,7 @@ def _horizon_summary(horizon: np.ndarray) -> dict:
 
 
 def summarize_part(part: PartResult) -> dict:
+  """JSON-ready numbers of one part: per-head lists, medians, histograms."""
   stats = part.stats
   radius_labels = Q.histogram_labels(Q.RADIUS_EDGES)
   phase_labels = Q.histogram_labels(Q.PHASE_EDGES_DEG, open_end=False)
