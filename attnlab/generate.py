@@ -16,6 +16,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from attnlab import checkpoint, train_state
+from attnlab import config as config_lib
 from attnlab.models import Transformer
 
 
@@ -84,7 +85,19 @@ def load_config(workdir: str) -> ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
   with open(path) as f:
-    return ConfigDict(json.load(f))
+    saved = json.load(f)
+  # Fields added to attnlab after the run was saved take their defaults.
+  return ConfigDict(_fill_missing(saved, config_lib.base_config().to_dict()))
+
+
+def _fill_missing(saved: dict, defaults: dict) -> dict:
+  out = dict(saved)
+  for key, default in defaults.items():
+    if key not in out:
+      out[key] = default
+    elif isinstance(default, dict) and isinstance(out[key], dict):
+      out[key] = _fill_missing(out[key], default)
+  return out
 
 
 def load_model(workdir: str, step: int | None = None) -> tuple[Transformer, ConfigDict, int]:

@@ -67,3 +67,18 @@ def test_cli_rejects_typos(tmp_path):
   assert bad_arg.returncode != 0 and "atention" in bad_arg.stderr
   bad_type = _train_cli("--config.total_steps=lots", tmp_path=tmp_path)
   assert bad_type.returncode != 0 and "total_steps" in bad_type.stderr
+
+
+def test_saved_configs_from_older_versions_load_with_new_defaults(tmp_path):
+  import json
+
+  from attnlab import config as config_lib
+  from attnlab import generate
+
+  saved = config_lib.base_config().to_dict()
+  del saved["model"]["canon_conv"], saved["model"]["scan_layers"]
+  saved["model"]["d_model"] = 96
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  loaded = generate.load_config(str(tmp_path))
+  assert loaded.model.d_model == 96  # saved values win
+  assert loaded.model.canon_conv == 0 and loaded.model.scan_layers is False
