@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import attnlab.data
-from attnlab import generate, trainer
+from attnlab import evaluate, generate, trainer
 
 from .conftest import REPO
 from .test_models import _load_config
@@ -85,6 +85,12 @@ def test_tiny_run_writes_metrics_checkpoints_and_generates(tmp_path):
   )
   np.testing.assert_array_equal(sampled, again)
   assert sampled.shape == (2, 13) and int(sampled.max()) < 64
+
+  # Evaluation at other lengths; at the trained length it is the trainer's eval.
+  same = evaluate.evaluate_length(model, config, seq_len=32, tokens=256, bucket=8)
+  np.testing.assert_allclose(same["loss"], final["eval/loss"], rtol=1e-5)
+  longer = evaluate.evaluate_length(model, config, seq_len=64, tokens=256, bucket=16)
+  assert len(longer["loss_by_position"]) == 4 and np.isfinite(longer["loss"])
 
 
 def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
