@@ -59,14 +59,22 @@ def _attention(variant: str, **options):
     return lambda q, k, v: pallas_tpu.softmax_attention(
       q, k, v, interpret=True, block_q=128, block_k=128
     )
+  if options:  # block-size sweep: the backend module takes kernel options
+    from attnlab.ops.softmax import pallas_gpu as softmax_gpu
+    from attnlab.ops.softplus import pallas_gpu as softplus_gpu
+
+    if kind == "softmax":
+      return functools.partial(softmax_gpu.softmax_attention, **options)
+    power = {"lssa": None, "lssar15": 15.0}[kind]
+    return functools.partial(softplus_gpu.softplus_attention, power=power, **options)
   if kind == "softmax":
     return functools.partial(ops.softmax_attention, implementation=impl, **options)
   power = {"lssa": None, "lssar15": 15.0}[kind]
   return functools.partial(ops.softplus_attention, power=power, implementation=impl, **options)
 
 
-def _program(variant: str, mode: str, cot: jax.Array):
-  f = _attention(variant)
+def _program(variant: str, mode: str, cot: jax.Array, **options):
+  f = _attention(variant, **options)
   if mode == "fwd":
     return jax.jit(f)
 
@@ -82,11 +90,13 @@ def _inputs(batch, t, heads, d, dtype, seed=0):
   return [jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys]
 
 
-def measure(variant, mode, batch, t, heads, d, dtype, **timing) -> dict:
+def measure(variant, mode, batch, t, heads, d, dtype, options=None, **timing) -> dict:
   row = dict(variant=variant, mode=mode, batch=batch, t=t, heads=heads, d=d)
+  if options:
+    row["options"] = {k: str(v) for k, v in options.items()}
   try:
     q, k, v, cot = _inputs(batch, t, heads, d, dtype)
-    result = _timing.time_fn(_program(variant, mode, cot), (q, k, v), **timing)
+    result = _timing.time_fn(_program(variant, mode, cot, **(options or {})), (q, k, v), **timing)
   except Exception as error:  # noqa: BLE001 - a failing variant must not stop the sweep
     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
     row["traceback"] = traceback.format_exc(limit=4)[-2000:]
@@ -123,7 +133,19 @@ def _lookup(rows, variant, mode, d, t):
   return None
 
 
-def _gpu_report(rows, env, budget_note):
+def _sweep_candidates():
+  from attnlab.ops.flash.pallas_gpu import BlockSizes
+
+  return [
+    BlockSizes(),
+    BlockSizes(block_q=128, block_k=128),
+    BlockSizes(num_stages=3),
+    BlockSizes(64, 64, 64, 64, 64, 64, num_warps=4, num_stages=3),
+    BlockSizes(128, 64, 64, 64, 64, 64, num_stages=3),
+  ]
+
+
+def _gpu_report(rows, env, budget_note, args, sweep=()):
   header = [
     "D", "T", "B×H", "mode", "ours TFLOP/s", "cuDNN", "ours/cuDNN", "XLA", "ours/XLA",
     "tokamax", "ours/tokamax", "LSSAR15 TFLOP/s", "LSSAR15 time / ours",
@@ -165,7 +187,8 @@ def _gpu_report(rows, env, budget_note):
     f"# Causal attention kernels, bf16, on {env['device']}",
     "",
     "TFLOP/s with the causal softmax FLOP count (fwd 2·B·H·T²·D, fwd+bwd 3.5×); ratios are "
-    "throughput ratios (>1: ours faster). Batch = 16K tokens / T, heads = 2048 / D.",
+    f"throughput ratios (>1: ours faster). Batch = {args.tokens} tokens / T, heads = "
+    f"{args.width} / D. Ours: `pallas_gpu` (Pallas, Triton lowering) with default BlockSizes.",
     "",
     "**Targets (D=128, T=8K, fwd+bwd)**: ours / cuDNN = "
     f"{fmt(target.get('ours_over_cudnn'))} (target ≥ 0.8); LSSAR p=15 time / our softmax time = "
@@ -176,6 +199,14 @@ def _gpu_report(rows, env, budget_note):
     "",
     budget_note,
   ]
+  if sweep:
+    sweep_rows = [
+      [r["options"]["blocks"], r.get("tflops"), r.get("error", "")[:80]] for r in sweep
+    ]  # fmt: skip
+    md += [
+      "", "## Block-size sweep: our softmax, D=128, T=8K, fwd+bwd", "",
+      _timing.markdown_table(["BlockSizes", "TFLOP/s", "error"], sweep_rows),
+    ]  # fmt: skip
   if errors:
     md += ["", "## Errors", "", *errors]
   return "\n".join(md), ratios
@@ -195,20 +226,31 @@ def run_gpu(args) -> None:
   plan = _gpu_plan(lengths, dims, variants)
   env = _timing.environment()
   print(f"{len(plan)} measurements on {env['device']} (jax {env['jax']})", flush=True)
-  start, rows, skipped = time.perf_counter(), [], []
+  start, rows, skipped, sweep = time.perf_counter(), [], [], []
+  if args.sweep:
+    for blocks in _sweep_candidates():
+      row = measure(
+        "softmax/pallas_gpu", "fwdbwd", max(1, args.tokens // 8192), 8192, args.width // 128, 128,
+        jnp.bfloat16, options=dict(blocks=blocks), min_seconds=args.min_seconds,
+      )  # fmt: skip
+      sweep.append(row)
+      shown = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["error"][:100]
+      print(f"sweep {blocks}: {shown}", flush=True)
   for variant, mode, d, t in plan:
     if time.perf_counter() - start > args.time_budget:
       skipped.append(dict(variant=variant, mode=mode, d=d, t=t))
       continue
-    heads, batch = WIDTH // d, max(1, TOKENS // t)
+    heads, batch = args.width // d, max(1, args.tokens // t)
     row = measure(variant, mode, batch, t, heads, d, jnp.bfloat16, min_seconds=args.min_seconds)
     rows.append(row)
     shown = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["error"][:100]
     print(f"{variant:20s} {mode:6s} D={d:3d} T={t:5d}: {shown}", flush=True)
   note = f"Run time {time.perf_counter() - start:.0f} s (budget {args.time_budget:.0f} s)"
   note += f"; {len(skipped)} configurations skipped for time." if skipped else "."
-  markdown, ratios = _gpu_report(rows, env, note)
-  payload = dict(mode="gpu", rows=rows, ratios=ratios, skipped=skipped, tokens=TOKENS, width=WIDTH)
+  markdown, ratios = _gpu_report(rows, env, note, args, sweep)
+  payload = dict(mode="gpu", rows=rows, ratios=ratios, skipped=skipped, tokens=args.tokens)
+  payload["sweep"] = sweep
+  payload["width"] = args.width
   paths = _timing.write_results("attention_gpu", env, payload, markdown)
   print(markdown)
   print("wrote", *paths)
@@ -282,6 +324,9 @@ def main() -> None:
   parser.add_argument("--lengths", default=None, help="comma-separated T values")
   parser.add_argument("--dims", default="128,64", help="head dims (GPU mode)")
   parser.add_argument("--time_budget", type=float, default=400.0, help="seconds (GPU mode)")
+  parser.add_argument("--tokens", type=int, default=TOKENS, help="batch × T (GPU mode)")
+  parser.add_argument("--width", type=int, default=WIDTH, help="heads × head_dim (GPU mode)")
+  parser.add_argument("--sweep", action="store_true", help="GPU: try block sizes at D=128, T=8K")
   parser.add_argument("--min_seconds", type=float, default=0.5, help="timed seconds per config")
   args = parser.parse_args()
   args.mode = args.mode or ("gpu" if jax.default_backend() == "gpu" else "cpu")
