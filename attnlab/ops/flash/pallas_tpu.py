@@ -48,7 +48,6 @@ SUBLANES = 8
 DEFAULT_BLOCK = 512
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _F32 = jnp.float32
 
@@ -327,7 +326,8 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], num_q: int, group: 
       cfg.kind, u, mask, dp, row["delta"], lse=row.get("lse"), z=row.get("z"),
       xmax=row.get("xmax"), bsum=row.get("bsum"), eps=row.get("eps"), n=n, p=cfg.power,
     )  # fmt: skip
-    r["acc_dv"][...] += lax.dot_general(w.astype(do.dtype), do, _TN, preferred_element_type=_F32)
+    # Explicit transposes then plain matmuls: the form jax's TPU flash kernel lowers.
+    r["acc_dv"][...] += lax.dot(w.T.astype(do.dtype), do, preferred_element_type=_F32)
     dp_raw = du * cfg.scale if cfg.scale != 1.0 else du
     if "alpha" in r:
       dp_raw = dp_raw * _lanes(r["alpha"][...], bk)
@@ -336,7 +336,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], num_q: int, group: 
         jnp.sum(dp_raw * p, axis=0, keepdims=True), (SUBLANES, bk)
       )
       dp_raw = dp_raw * r["beta"][0:1, :]
-    r["acc_dk"][...] += lax.dot_general(dp_raw.astype(q.dtype), q, _TN, preferred_element_type=_F32)
+    r["acc_dk"][...] += lax.dot(dp_raw.T.astype(q.dtype), q, preferred_element_type=_F32)
 
   @pl.when(step == group * num_q - 1)
   def _finish():
@@ -514,9 +514,15 @@ def flash_attention(
   power = None if power is None else float(power)
   cfg = _Config(kind, power, float(scale), bq, bk, interpret)
   tp = _common.round_up(t, math.lcm(bq, bk))
-  to_kernel = lambda x: _common.pad_axis(jnp.swapaxes(x.astype(dtype), 1, 2), 2, tp)
+  # Head dims above 128 go to whole lane tiles; zero columns change no dot product.
+  width = lambda n: n if n <= LANES else _common.round_up(n, LANES)
+
+  def to_kernel(x):
+    x = _common.pad_axis(jnp.swapaxes(x.astype(dtype), 1, 2), 2, tp)
+    return _common.pad_axis(x, 3, width(x.shape[3]))
+
   rows = lambda x: (
     None if x is None else _common.pad_axis(jnp.swapaxes(x.astype(_F32), 1, 2), 2, tp)
   )
   o = _flash(to_kernel(q), to_kernel(k), to_kernel(v), rows(alpha), rows(beta), cfg)
-  return jnp.swapaxes(o[:, :, :t], 1, 2).astype(q.dtype)
+  return jnp.swapaxes(o[:, :, :t, : v.shape[-1]], 1, 2).astype(q.dtype)
