@@ -27,12 +27,15 @@ from absl import app, flags, logging
 
 from attnlab import data, generate
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
-_LAYERS = flags.DEFINE_list("layers", None, "Comma-separated layer indices (default: all).")
-_BATCH = flags.DEFINE_integer("batch", 8, "Number of eval sequences to analyse.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Truncate sequences to this length.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_OUTDIR = flags.DEFINE_string("outdir", None, "Output directory (default: DIR/analysis).")
+
+def _define_flags() -> None:
+  """Flags exist only when run as a program, so importing `run` defines none."""
+  flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
+  flags.DEFINE_list("layers", None, "Comma-separated layer indices (default: all).")
+  flags.DEFINE_integer("batch", 8, "Number of eval sequences to analyse.")
+  flags.DEFINE_integer("seq_len", None, "Truncate sequences to this length.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("outdir", None, "Output directory (default: DIR/analysis).")
 
 
 @contextlib.contextmanager
@@ -113,15 +116,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
-  layers = None if _LAYERS.value is None else [int(i) for i in _LAYERS.value]
+  f = flags.FLAGS
+  layers = None if f.layers is None else [int(i) for i in f.layers]
   try:
     summary = run(
-      _WORKDIR.value,
-      layers=layers,
-      batch=_BATCH.value,
-      seq_len=_SEQ_LEN.value,
-      step=_STEP.value,
-      outdir=_OUTDIR.value,
+      f.workdir, layers=layers, batch=f.batch, seq_len=f.seq_len, step=f.step, outdir=f.outdir
     )
   except (FileNotFoundError, ValueError) as error:
     raise SystemExit(f"attnlab.analyze: {error}") from None
@@ -137,4 +136,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -304,10 +304,25 @@ def form_errors(
   return errors
 
 
+def block_mixer_input(block: nnx.Module, x: jax.Array) -> jax.Array:
+  """What the block feeds its mixer: the normed residual stream (plus the
+  Canon conv where the block has one)."""
+  if hasattr(block, "mixer_input"):
+    return block.mixer_input(x)[0]
+  return block.attn_norm(x)
+
+
 @nnx.jit(static_argnames=("variant",))
-def _capture_layer(mixer, x, variant):
-  forms = layer_forms(mixer, variant, x)
-  return forms, form_errors(mixer, variant, x, forms)
+def _capture_layer(block, x, variant):
+  """Forms and form errors of block's mixer on its real input, and the block's output."""
+  mixer_input = block_mixer_input(block, x)
+  forms = layer_forms(block.mixer, variant, mixer_input)
+  return forms, form_errors(block.mixer, variant, mixer_input, forms), block(x)
+
+
+@nnx.jit
+def _block(block, x):
+  return block(x)
 
 
 def num_layers(model: nnx.Module) -> int:
@@ -320,11 +335,6 @@ def model_layer(model: nnx.Module, i: int) -> nnx.Module:
   return model.layer(i) if hasattr(model, "layer") else model.blocks[i]
 
 
-@nnx.jit
-def _block(block, x):
-  return block(x)
-
-
 def capture_layers(
   model: nnx.Module, tokens: jax.Array, layers: list[int] | None = None
 ) -> tuple[list[LayerCapture], list[str]]:
@@ -332,7 +342,7 @@ def capture_layers(
 
   The residual stream goes through every block exactly as in
   `Transformer.__call__`; each chosen block's mixer sees its real input
-  (after the block's RMSNorm).
+  (after the block's RMSNorm and Canon conv).
 
   Returns:
     (captures, skipped): one LayerCapture per analysed layer, and messages
@@ -347,11 +357,11 @@ def capture_layers(
   x = model.embed(tokens)
   for i in range(count):
     block = model_layer(model, i)
+    if i in chosen and block.mixer_name in ADAPTERS:
+      forms, errors, x = _capture_layer(block, x, block.mixer_name)
+      captures.append(LayerCapture(i, block.mixer_name, forms, errors))
+      continue
     if i in chosen:
-      if block.mixer_name in ADAPTERS:
-        forms, errors = _capture_layer(block.mixer, block.attn_norm(x), block.mixer_name)
-        captures.append(LayerCapture(i, block.mixer_name, forms, errors))
-      else:
-        skipped.append(f"layer {i}: no analysis adapter for {block.mixer_name!r}")
+      skipped.append(f"layer {i}: no analysis adapter for {block.mixer_name!r}")
     x = _block(block, x)
   return captures, skipped

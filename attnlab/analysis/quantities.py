@@ -5,6 +5,7 @@ state statistics. Pure JAX, head-major arrays [batch, heads, time, ...].
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -49,6 +50,7 @@ def delta_eigs(log_alpha: Array, beta: Array, k: Array, write: Array | None = No
   return jnp.concatenate([special[..., None], rest], axis=-1)
 
 
+@jax.jit
 def transition_eigs(form: F.Form) -> Array:
   """Eigenvalues of Λ_t for t = 1 .. T−1 (Λ_0 acts on the zero state).
 
@@ -76,6 +78,7 @@ def transition_eigs(form: F.Form) -> Array:
   return softmax_eigs_from_lse(log_norm)[..., None]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def spectrum_histogram(
   eigs: Array,
   radius_edges: tuple[float, ...] = RADIUS_EDGES,
@@ -163,6 +166,7 @@ def first_lag_below(curve: Array, threshold: float) -> Array:
   return jnp.where(hit.any(-1), first, jnp.inf)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def memory_profile(form: F.Form, eps: tuple[float, ...] = (0.5, 0.1, 0.01)) -> dict:
   """Decay-based memory of a form.
 
@@ -187,6 +191,7 @@ def memory_profile(form: F.Form, eps: tuple[float, ...] = (0.5, 0.1, 0.01)) -> d
 # Attention statistics -----------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def attention_stats(
   m: Array,
   topk: tuple[int, ...] = (1, 4),
@@ -253,9 +258,13 @@ def state_stats(form: F.Form) -> dict | None:
   NAtS-L the persistent state P is measured."""
   if isinstance(form, F.KernelForm):
     return None
+  norm, rank = _state_trajectory(form)
+  return {"norm": norm, "eff_rank": rank, "state_dim": F.state_dim(form)}
 
+
+@jax.jit
+def _state_trajectory(form: F.Form) -> tuple[Array, Array]:
   def observe(state):
     return jnp.sqrt(jnp.sum(state * state, axis=(-2, -1))), effective_rank(state)
 
-  _, (norm, rank) = F.run_recurrent(form, observe)
-  return {"norm": norm, "eff_rank": rank, "state_dim": F.state_dim(form)}
+  return F.run_recurrent(form, observe)[1]

@@ -71,27 +71,36 @@ def taylor_analysis(
   y_norm = jnp.sqrt(jnp.sum(y * y, axis=(0, 2, 3)))
   count = mask.sum(axis=(0, 2, 3))
   log_abs = jnp.log(jnp.where(mask & (s != 0), jnp.abs(s), 1e-30))
-  term_mag = []
-  for n in range(max_terms):
-    term = jnp.exp(n * log_abs - math.lgamma(n + 1)) if n else jnp.ones_like(s)
-    term_mag.append(jnp.where(mask, term, 0.0).sum(axis=(0, 2, 3)) / count)
-  term_mag = jnp.stack(term_mag)
   max_abs = jnp.max(jnp.abs(s), axis=(0, 2, 3))
-  weight_err, out_err, bound, min_poly = [], [], [], []
-  for order in orders:
-    w = taylor_weights(form, order)
-    weight_err.append(jnp.max(jnp.abs(w - exact), axis=(0, 2, 3)))
+  steps = max(max_terms, max(orders) + 1)
+
+  # One scan over n carries the term sⁿ/n! and the partial sum T_n(s), so
+  # every order costs one step instead of a Horner pass of its own.
+  def step(carry, n):
+    term, partial = carry
+    term = jnp.where(n > 0, term * s / jnp.maximum(n, 1), term)
+    partial = jnp.where(n > 0, partial + term, partial)
+    magnitude = jnp.where(n > 0, jnp.exp(n * log_abs - jax.lax.lgamma(n + 1.0)), 1.0)
+    p = jnp.where(mask, partial, 0.0)
+    w = p / p.sum(-1, keepdims=True)
     diff = (w - exact) @ form.u
-    out_err.append(jnp.sqrt(jnp.sum(diff * diff, axis=(0, 2, 3))) / y_norm)
-    bound.append(remainder_bound(max_abs, order))
-    poly = jnp.where(mask, taylor_exp(s, order), jnp.inf)
-    min_poly.append(poly.min(axis=(0, 2, 3)))
+    return (term, partial), {
+      "term_mag": jnp.where(mask, magnitude, 0.0).sum(axis=(0, 2, 3)) / count,
+      "weight_err": jnp.max(jnp.abs(w - exact), axis=(0, 2, 3)),
+      "out_err": jnp.sqrt(jnp.sum(diff * diff, axis=(0, 2, 3))) / y_norm,
+      "min_poly": jnp.where(mask, partial, jnp.inf).min(axis=(0, 2, 3)),
+    }
+
+  ones = jnp.ones_like(s)
+  _, per_n = jax.lax.scan(step, (ones, ones), jnp.arange(steps, dtype=s.dtype))
+  index = jnp.asarray(orders)
+  term_mag = per_n["term_mag"][:max_terms]
   return {
-    "orders": jnp.asarray(orders),
-    "weight_err": jnp.stack(weight_err),
-    "out_err": jnp.stack(out_err),
-    "remainder_bound": jnp.stack(bound),
-    "min_poly": jnp.stack(min_poly),
+    "orders": index,
+    "weight_err": per_n["weight_err"][index],
+    "out_err": per_n["out_err"][index],
+    "remainder_bound": jnp.stack([remainder_bound(max_abs, order) for order in orders]),
+    "min_poly": per_n["min_poly"][index],
     "term_mag": term_mag,
     "dominant_order": jnp.argmax(term_mag, axis=0),
     "max_abs_logit": max_abs,
