@@ -83,15 +83,16 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   # mesh axes; mesh axis names therefore map to themselves.
   rules = tuple(rules) + tuple((axis, axis) for axis in mesh.axis_names)
 
-  def to_sharding(spec, abstract):
+  def to_sharding(abstract, spec):
     # Masked optimizer entries (optax.MaskedNode) hold no arrays; keep them so
-    # the result has exactly the structure of `abstract_tree`.
+    # the result has exactly the structure of `abstract_tree`. (Inside an nnx
+    # Variable their spec arrives as None, so the abstract tree leads.)
     if isinstance(abstract, optax.MaskedNode):
       return abstract
-    return NamedSharding(mesh, logical_to_spec(tuple(spec), rules))
+    return NamedSharding(mesh, logical_to_spec(() if spec is None else tuple(spec), rules))
 
   return jax.tree.map(
-    to_sharding, specs, abstract_tree, is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode))
+    to_sharding, abstract_tree, specs, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
   )
 
 

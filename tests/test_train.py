@@ -226,3 +226,15 @@ def test_grain_map_keeps_checkpointable_iterator():
   it = iter(ds)
   next(it)
   assert "next_index" in json.dumps(it.get_state())
+
+
+def test_ssa_with_its_temperature_lr_group_trains_and_resumes(tmp_path):
+  """A second optimizer group masks parts of the state (optax.MaskedNode);
+  sharding and restoring must keep that structure."""
+  workdir = str(tmp_path / "ssa")
+  config = _tiny(**{"model.attention": "ssa", "total_steps": 8, "checkpoint_every": 4})
+  trainer.train_and_evaluate(config, workdir)
+  config = _tiny(**{"model.attention": "ssa", "total_steps": 10, "checkpoint_every": 4})
+  trainer.train_and_evaluate(config, workdir)
+  steps = [r["step"] for r in _rows(workdir)]
+  assert steps[-2:] == [9, 10] and np.isfinite(_rows(workdir)[-1]["train/loss"])
