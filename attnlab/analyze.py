@@ -125,7 +125,10 @@ def main(argv):
   except (FileNotFoundError, ValueError) as error:
     raise SystemExit(f"attnlab.analyze: {error}") from None
   findings = summary["findings"]
-  logging.info("median decay horizon (eps=0.1): %s", findings["median_decay_horizon_eps0.1"])
+  logging.info(
+    "median decay horizon (eps=0.1) per head, None = beyond the sequence: %s",
+    findings["median_decay_horizon_eps0.1_per_head"],
+  )
   logging.info("median 90%% attention horizon: %s", findings["median_attention_horizon_90pct"])
   logging.info(
     "sink heads: %d of %d (%.0f%%)",

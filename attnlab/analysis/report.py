@@ -223,11 +223,13 @@ def summarize_part(part: PartResult) -> dict:
 def summarize(results: list[LayerResult]) -> dict:
   """JSON-ready summary with per-layer, per-part numbers and headline findings.
 
-  Findings: the median decay horizon (ε = 0.1 and the half-life) and the
-  median 90%-mass attention horizon per layer and part, and the fraction of
-  heads that act as sinks (mean mass on token 0 above 0.5).
+  Findings: the median decay horizon (ε = 0.1, also per head, and the
+  half-life) and the median 90%-mass attention horizon per layer and part,
+  and the fraction of heads that act as sinks (mean mass on token 0 above
+  0.5). A median is null when over half the queries never reach ε within the
+  sequence (censored: memory longer than the context).
   """
-  layers, decay, half_life, attention_horizon = [], {}, {}, {}
+  layers, decay, half_life, attention_horizon, per_head = [], {}, {}, {}, {}
   sinks = total_heads = 0
   for layer in results:
     parts = {name: summarize_part(part) for name, part in layer.parts.items()}
@@ -240,6 +242,7 @@ def summarize(results: list[LayerResult]) -> dict:
     for name, part in parts.items():
       key = f"layer_{layer.index}/{name}"
       decay[key] = part["decay_horizon"]["eps=0.1"]["median"]
+      per_head[key] = part["decay_horizon"]["eps=0.1"]["median_per_head"]
       half_life[key] = part["decay_horizon"]["eps=0.5"]["median"]
       attention_horizon[key] = part["attention"]["horizon_90pct"]["median"]
       sinks += sum(part["sink_heads"])
@@ -248,6 +251,7 @@ def summarize(results: list[LayerResult]) -> dict:
     "layers": layers,
     "findings": {
       "median_decay_horizon_eps0.1": decay,
+      "median_decay_horizon_eps0.1_per_head": per_head,
       "median_half_life": half_life,
       "median_attention_horizon_90pct": attention_horizon,
       "sink_heads": sinks,
