@@ -8,8 +8,12 @@ readout(run_recurrent(forms)) reproduces `mixer(x)`. NAtS-L is the direct sum
 of two parts, 'delta' and 'attention'; every other variant has one part,
 'main'.
 
-New variants call `register_adapter(name, Adapter(...))`; `capture_layers` skips (and
-reports) layers whose variant has no adapter.
+The adapters reuse the mixers' own pieces (`project`/`values`, `DeltaInputs`,
+linear attention's `_features`, NAtS-L's `_views`/`block_types`/`_output`,
+SOFT's Nyström features) so that no projection is re-implemented here; the
+identity tests catch any drift. New variants call
+`register_adapter(name, Adapter(...))`; `capture_layers` skips (and reports)
+layers whose variant has no adapter.
 """
 
 from __future__ import annotations
