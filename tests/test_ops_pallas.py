@@ -102,7 +102,7 @@ def test_tpu_softmax_gqa_logit_scale_ragged_t(dtype):
 
 @pytest.mark.parametrize(
   "power,dtype",
-  [(None, jnp.float32), (3.0, jnp.bfloat16), (15.0, jnp.float32), (15.0, jnp.bfloat16)],
+  [(None, jnp.float32), (15.0, jnp.float32), (15.0, jnp.bfloat16)],
 )
 def test_tpu_softplus_gqa_ragged_t(power, dtype):
   q, k, v, _, cot = _inputs(1, 300, 4, 2, 64, dtype)
