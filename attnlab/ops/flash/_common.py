@@ -38,9 +38,10 @@ def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, op_name: str) -> None
 
 
 def inverse_norm(x: jax.Array) -> jax.Array:
-  """1/‖x‖ over the last axis in float32, with the xla path's 1e-30 floor."""
-  x = x.astype(jnp.float32)
-  return jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1), 1e-30))
+  """1/‖x‖ over the last axis in float32; 0 for a zero vector, as the xla path."""
+  squared = jnp.sum(jnp.square(x.astype(jnp.float32)), -1)
+  nonzero = squared > 0
+  return jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
 
 
 def softplus_factors(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -38,8 +38,15 @@ def row_weights(scores: jax.Array, visible: jax.Array, rows: jax.Array, power, h
   return _safe_divide(b, b.sum(-1, keepdims=True))
 
 
+def inverse_norm(x: jax.Array) -> jax.Array:
+  """1/‖x‖ over the last axis, keepdims; 0 for a zero vector (finite gradient)."""
+  squared = jnp.sum(x * x, -1, keepdims=True)
+  nonzero = squared > 0
+  return jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
+
+
 def _normalize(x):
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-30))
+  return x * inverse_norm(x)
 
 
 def softplus_attention(q, k, v, *, power, query_positions, key_length):
