@@ -281,20 +281,7 @@ def _row_call(cfg: _Config, phase: str, arrays: dict, out_dtype):
 
   names += [name for name, _, _ in outs] + [name for name, _ in scratch]
   kernel = functools.partial(_row_kernel, cfg=cfg, phase=phase, names=tuple(names), num_k=num_k)
-  results = pl.pallas_call(
-    kernel,
-    grid=(b, h, num_q, num_k),
-    in_specs=specs,
-    out_specs=[spec for _, _, spec in outs],
-    out_shape=[shape for _, shape, _ in outs],
-    scratch_shapes=[pltpu.VMEM(shape, _F32) for _, shape in scratch],
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-    ),
-    interpret=cfg.interpret,
-    name=f"attnlab_flash_{cfg.kind}_{phase}",
-  )(*inputs)
-  return dict(zip([name for name, _, _ in outs], results))
+  return _call(kernel, (b, h, num_q, num_k), specs, outs, scratch, inputs, cfg, phase)
 
 
 def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], num_q: int, group: int):
@@ -395,9 +382,18 @@ def _dkv_call(cfg: _Config, arrays: dict):
     scratch.append(("acc_dbeta", (SUBLANES, bk)))
   names += [name for name, _, _ in outs] + [name for name, _ in scratch]
   kernel = functools.partial(_dkv_kernel, cfg=cfg, names=tuple(names), num_q=num_q, group=group)
+  return _call(kernel, (b, hk, num_k, group * num_q), specs, outs, scratch, inputs, cfg, "dkv")
+
+
+def _call(kernel, grid, specs, outs, scratch, inputs, cfg: _Config, phase: str) -> dict:
+  """One pallas_call over a grid whose last axis is the sequential reduction.
+
+  outs: [(name, ShapeDtypeStruct, BlockSpec)]; scratch: [(name, shape)] in VMEM.
+  Returns {output name: array}.
+  """
   results = pl.pallas_call(
     kernel,
-    grid=(b, hk, num_k, group * num_q),
+    grid=grid,
     in_specs=specs,
     out_specs=[spec for _, _, spec in outs],
     out_shape=[shape for _, shape, _ in outs],
@@ -406,7 +402,7 @@ def _dkv_call(cfg: _Config, arrays: dict):
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
     ),
     interpret=cfg.interpret,
-    name=f"attnlab_flash_{cfg.kind}_dkv",
+    name=f"attnlab_flash_{cfg.kind}_{phase}",
   )(*inputs)
   return dict(zip([name for name, _, _ in outs], results))
 
