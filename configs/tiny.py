@@ -5,15 +5,17 @@
     python -m attnlab.train --config=configs/tiny.py:attention=gated_deltanet --workdir=runs/tiny_gdn
     python -m attnlab.train --config=configs/tiny.py:attention=nats_l --workdir=runs/tiny_nats_l
     python -m attnlab.train --config=configs/tiny.py:task=needle --workdir=runs/needle
+    python -m attnlab.train --config=configs/tiny.py:canon=0 --workdir=runs/tiny_plain
 
-Arguments: attention=<variant>, task=mqar|needle, steps=<int>.
+Arguments: attention=<variant>, task=mqar|needle, steps=<int>, canon=<Canon conv
+width; 0 = none>.
 """
 
 from attnlab import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, attention="softmax", task="mqar", steps=600)
+  arg = config_lib.parse_arg(arg, attention="softmax", task="mqar", steps=600, canon=4)
   c = config_lib.base_config()
   c.total_steps = arg.steps
   c.log_every = 25
@@ -27,7 +29,11 @@ def get_config(arg: str | None = None):
   c.model.num_layers = 2
   c.model.num_heads = 2
   c.model.mlp_dim = 128
-  c.model.qkv_bias = True  # lets the first layer form a position-only (previous-token) head
+  # A Canon layer (causal depthwise conv, k=4) in front of every mixer hands each
+  # value token its key, so recall needs one attention hop instead of an
+  # induction circuit. Plain softmax (canon=0) sits at 0.38 accuracy after 2000
+  # steps here; with it, 0.997 after 200 (README, "Measured").
+  c.model.canon_conv = arg.canon
 
   # Four NAtS-L blocks per sequence, so block types matter at seq_len 64.
   c.model.mixer.nats_l.block_size = 16

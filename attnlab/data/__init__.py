@@ -15,6 +15,9 @@ _EVAL_SEED_OFFSET = 1_000_003
 def _synthetic(
   data: ConfigDict, *, seed: int, batch_size: int, process_index: int, process_count: int
 ):
+  """Every process generates the global batch and keeps its contiguous rows, so
+  a run sees the same global batches on any number of processes (generation is
+  cheap next to a train step)."""
   generate = functools.partial(
     synthetic.TASKS[data.task],
     seed=seed,
@@ -23,8 +26,13 @@ def _synthetic(
     num_kv_pairs=data.num_kv_pairs,
     num_queries=data.num_queries,
   )
-  ds = grain.MapDataset.range(2**62)[process_index::process_count]
-  return ds.batch(batch_size, drop_remainder=True).map(generate).to_iter_dataset()
+  rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+
+  def local_rows(indices):
+    return {key: value[rows] for key, value in generate(indices).items()}
+
+  ds = grain.MapDataset.range(2**62).batch(batch_size * process_count, drop_remainder=True)
+  return ds.map(local_rows).to_iter_dataset()
 
 
 def make_dataset(

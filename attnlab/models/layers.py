@@ -107,10 +107,13 @@ class ShortConv(nnx.Module):
     rngs: nnx.Rngs,
     activation: bool = True,
   ):
-    init = nnx.initializers.normal(0.02)
+    # nn.Conv1d's default for a depthwise conv (fan_in = kernel_size), as in the
+    # reference GDN / Canon code; a 0.02 normal leaves neighbours nearly unseen.
+    bound = kernel_size**-0.5
     self.activation = activation
     self.kernel = nnx.Param(
-      init(rngs.params(), (kernel_size, channels), jnp.float32), out_sharding=(None, axis)
+      jax.random.uniform(rngs.params(), (kernel_size, channels), jnp.float32, -bound, bound),
+      out_sharding=(None, axis),
     )
     self.kernel_size = kernel_size
 
