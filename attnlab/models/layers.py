@@ -106,15 +106,19 @@ class ShortConv(nnx.Module):
     axis: str | None,
     rngs: nnx.Rngs,
     activation: bool = True,
+    kaiming_init: bool = False,
   ):
-    # nn.Conv1d's default for a depthwise conv (fan_in = kernel_size), as in the
-    # reference GDN / Canon code; a 0.02 normal leaves neighbours nearly unseen.
-    bound = kernel_size**-0.5
+    # fla initialises its short convs at N(0, 0.02); Canon layers keep nn.Conv1d's
+    # depthwise default U(±1/√k) (fan_in = k), under which a neighbour arrives at
+    # full strength instead of 2% (see benchmarks/results/tiny_mqar_canon_*).
+    shape, key = (kernel_size, channels), rngs.params()
+    if kaiming_init:
+      bound = kernel_size**-0.5
+      kernel = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    else:
+      kernel = nnx.initializers.normal(0.02)(key, shape, jnp.float32)
     self.activation = activation
-    self.kernel = nnx.Param(
-      jax.random.uniform(rngs.params(), (kernel_size, channels), jnp.float32, -bound, bound),
-      out_sharding=(None, axis),
-    )
+    self.kernel = nnx.Param(kernel, out_sharding=(None, axis))
     self.kernel_size = kernel_size
 
   def init_state(self, batch: int, dtype: jnp.dtype) -> jax.Array:

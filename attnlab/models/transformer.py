@@ -55,7 +55,9 @@ class Block(nnx.Module):
     self.mixer_name = mixer_name
     self.attn_norm = layers.RMSNorm(model.d_model, eps=model.norm_eps)
     self.canon = (
-      layers.ShortConv(model.d_model, model.canon_conv, axis=None, rngs=rngs, activation=False)
+      layers.ShortConv(
+        model.d_model, model.canon_conv, axis=None, rngs=rngs, activation=False, kaiming_init=True
+      )
       if model.canon_conv
       else None
     )
