@@ -2,7 +2,6 @@
 jax.distributed (gloo collectives on CPU), one device each, against the same
 run in one process with two devices."""
 
-import json
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import attnlab.data
 
 from .conftest import REPO
 from .test_models import _load_config
+from .test_train import _rows
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +43,6 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-def _rows(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_synthetic_batches_do_not_depend_on_the_process_count():
