@@ -21,10 +21,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _dtypes
+from attnlab.ops import _dispatch, _dtypes
 from attnlab.ops.nats_l import reference, xla
 
 _IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+_SPARSE_SOFTMAX = _dispatch.Dispatch(
+  op="block_sparse_softmax",
+  package="attnlab.ops.nats_l",
+  implementations=("xla", "reference", "pallas_tpu", "pallas_gpu"),
+  preferred={"tpu": ("pallas_tpu",), "gpu": ("pallas_gpu",)},
+)
+_KERNELS = ("pallas_tpu", "pallas_gpu")
 
 
 def _num_blocks(t: int, block_size: int) -> int:
@@ -95,6 +102,7 @@ def block_sparse_softmax(
   block_size: int = 64,
   scale: float | None = None,
   implementation: str | None = None,
+  **kernel_options,
 ) -> jax.Array:
   """Causal softmax over earlier attention-typed blocks plus the own block.
 
@@ -104,7 +112,13 @@ def block_sparse_softmax(
       weight of each block's keys for later queries (1 = attention-typed).
     block_size: tokens per block.
     scale: default head_dim**-0.5.
-    implementation: None, 'xla' (dense mask) or 'reference' (per query).
+    implementation: None (the kernel of the compile target: 'pallas_tpu' on
+      TPU, 'pallas_gpu' on GPU, when the block size suits it; else 'xla'),
+      'xla' (dense mask), 'reference' (per query), 'pallas_tpu' or
+      'pallas_gpu' (block-sparse kernels that visit only attention-typed key
+      blocks; interpreted off their hardware). The kernels' gate gradient is
+      zero for zero gates, as the other paths'.
+    kernel_options: passed to the kernel (e.g. `interpret`).
 
   Returns:
     o [batch, time, heads, head_dim_v] in q.dtype.
@@ -114,13 +128,26 @@ def block_sparse_softmax(
       f"expected q, k [B,T,H,D] and v [B,T,H,Dv]; got q{q.shape} k{k.shape} v{v.shape}"
     )
   _check_gate("block_visible", block_visible, q, q.shape[2], block_size)
-  impl = _dtypes.resolve_implementation(
-    implementation, tuple(_IMPLEMENTATIONS), "block_sparse_softmax"
-  )
+  impl = _SPARSE_SOFTMAX.choose(implementation, q, k, v)
+  if implementation is None and impl in _KERNELS and not _kernel_block_ok(impl, block_size):
+    impl = "xla"
+  scale = _dtypes.default_scale(q.shape[-1], scale)
+  if impl in _KERNELS:
+    module = _SPARSE_SOFTMAX.module(impl)
+    return module.block_sparse_softmax(
+      q, k, v, block_visible, block_size=block_size, scale=scale, **kernel_options
+    )
   dtype = _dtypes.compute_dtype(q, k, v)
   o = _IMPLEMENTATIONS[impl].block_sparse_softmax(
     *(jnp.asarray(a, dtype) for a in (q, k, v, block_visible)),
     block_size=block_size,
-    scale=_dtypes.default_scale(q.shape[-1], scale),
+    scale=scale,
   )
   return o.astype(q.dtype)
+
+
+def _kernel_block_ok(impl: str, block_size: int) -> bool:
+  """TPU tiles need a multiple of 8 rows; Triton dots a power of two >= 16."""
+  if impl == "pallas_tpu":
+    return block_size % 8 == 0
+  return block_size >= 16 and block_size & (block_size - 1) == 0
