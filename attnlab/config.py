@@ -65,6 +65,9 @@ def base_config() -> ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.progress = True  # live progress line on stderr
+  # "START,END": a jax profiler trace of train steps START..END (inclusive),
+  # written to <workdir>/tensorboard (TensorBoard's Profile tab). "" = none.
+  c.profile_steps = ""
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = DEFAULT_RULES

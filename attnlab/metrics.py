@@ -32,7 +32,8 @@ class MetricWriter:
     self.total_steps = total_steps
     self.stream = stream or sys.stderr
     self.progress = progress and self.active
-    self.interactive = self.progress and self.stream.isatty()
+    self._line = ProgressLine(self.stream, enabled=self.progress)
+    self.interactive = self._line.interactive
     self._tb = None
     self._jsonl = None
     self._start = time.time()
@@ -66,27 +67,142 @@ class MetricWriter:
       ("eval/loss", "eval_loss {:.4f}"),
       ("eval/accuracy", "eval_acc {:.3f}"),
       ("train/tokens_per_sec", "{:,.0f} tok/s"),
+      ("train/mfu", "mfu {:.1%}"),
     ):
       if key in metrics:
         parts.append(fmt.format(float(metrics[key])))
     parts.append(f"{time.time() - self._start:.0f}s")
-    line = " | ".join(parts)
+    self._line.draw(" | ".join(parts))
+
+  def message(self, text: str) -> None:
+    """A one-off line (resume, preemption, final summary)."""
+    self._line.message(text)
+
+  def close(self) -> None:
+    self._line.close()
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+class ProgressLine:
+  """One status line, redrawn in place on a terminal and printed as a new
+  line otherwise (logs, notebooks); messages go on lines of their own."""
+
+  def __init__(self, stream: TextIO | None = None, *, enabled: bool = True):
+    self.stream = stream or sys.stderr
+    self.enabled = enabled
+    self.interactive = enabled and self.stream.isatty()
+    self._open = False  # a drawn line without its newline yet
+
+  def draw(self, line: str) -> None:
+    if not self.enabled:
+      return
     if self.interactive:
       self.stream.write("\r\033[K" + line)
+      self._open = True
     else:
       self.stream.write(line + "\n")
     self.stream.flush()
 
   def message(self, text: str) -> None:
-    """A one-off line (resume, preemption, final summary)."""
-    if self.progress:
-      self.stream.write(("\n" if self.interactive else "") + text + "\n")
+    if self.enabled:
+      self.stream.write(("\n" if self._open else "") + text + "\n")
+      self._open = False
       self.stream.flush()
 
   def close(self) -> None:
-    if self.interactive:
+    if self._open:
       self.stream.write("\n")
-    if self._jsonl:
-      self._jsonl.close()
-    if self._tb:
-      self._tb.close()
+      self.stream.flush()
+      self._open = False
+
+
+class Progress:
+  """`done/total` progress of a long command (evaluate, analyze, sweep,
+  data.prepare): label, count, elapsed time and an ETA, plus free fields.
+
+      progress = metrics.Progress(total=len(items), label="evaluate")
+      for item in items:
+        ...
+        progress.update(item=name, loss=f"{loss:.3f}")
+      progress.close()
+  """
+
+  def __init__(
+    self,
+    total: int | None,
+    *,
+    label: str,
+    stream: TextIO | None = None,
+    enabled: bool = True,
+  ):
+    self.total = total
+    self.label = label
+    self.done = 0
+    self._start = time.time()
+    self._line = ProgressLine(stream, enabled=enabled and jax.process_index() == 0)
+
+  def update(self, advance: int = 1, **fields: Any) -> None:
+    """Counts `advance` more items done and redraws the line."""
+    self.done += advance
+    elapsed = time.time() - self._start
+    count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+    parts = [f"{self.label} {count}", *(f"{k} {v}" for k, v in fields.items())]
+    parts.append(f"{elapsed:.0f}s")
+    if self.total and 0 < self.done < self.total:
+      parts.append(f"eta {elapsed / self.done * (self.total - self.done):.0f}s")
+    self._line.draw(" | ".join(parts))
+
+  def message(self, text: str) -> None:
+    self._line.message(text)
+
+  def close(self) -> None:
+    self._line.close()
+
+
+class StepProfiler:
+  """A jax profiler trace of train steps START..END (`spec` = "START,END").
+
+  The trace lands in `logdir/plugins/profile/<run>/`, which TensorBoard's
+  Profile tab reads when pointed at `logdir`. Call `before(step)` before a
+  step is dispatched and `after(step, outputs)` once it has been.
+  """
+
+  def __init__(self, spec: str, logdir: str):
+    self.window = parse_profile_steps(spec)
+    self.logdir = logdir
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.window and step == self.window[0] and not self.active:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after(self, step: int, outputs: Any) -> bool:
+    """Stops after the window's last step; True when it has just written."""
+    if self.active and step >= self.window[1]:
+      jax.block_until_ready(outputs)  # the trace must hold the steps' device work
+      jax.profiler.stop_trace()
+      self.active = False
+      return True
+    return False
+
+  def close(self) -> None:
+    if self.active:  # the run ended inside the window
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+  """ "START,END" -> (START, END); "" -> None."""
+  if not spec:
+    return None
+  try:
+    start, end = (int(x) for x in str(spec).split(","))
+  except ValueError:
+    raise ValueError(f"profile_steps must look like 'START,END', got {spec!r}") from None
+  if not 1 <= start <= end:
+    raise ValueError(f"profile_steps needs 1 <= START <= END, got {spec!r}")
+  return start, end

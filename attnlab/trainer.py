@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from attnlab import checkpoint, data, metrics, optim, sharding, train_state
+from attnlab import checkpoint, data, flops, metrics, optim, sharding, train_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -237,6 +237,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
   writer.message(f"{num_params:,} parameters; mesh {dict(mesh.shape)}; workdir {workdir}")
+  # Model FLOPs per token and the mesh's peak, for train/mfu (see attnlab/flops.py).
+  flop_counts = flops.flops_per_token(config, abstract_state["params"])
+  peak, peak_source = flops.mesh_peak(mesh.devices.flat, config.model.dtype)
+  writer.message(f"{flop_counts['train'] / 1e6:.3f} MFLOP/token (train); peak {peak:.3g} FLOP/s")
+  if process_index == 0:
+    with open(os.path.join(workdir, "flops.json"), "w") as f:
+      json.dump({**flop_counts, "peak_flops": peak, "peak_source": peak_source}, f, indent=1)
+  profiler = metrics.StepProfiler(config.profile_steps, os.path.join(workdir, "tensorboard"))
 
   # 6. Steps.
   train_step, eval_step = make_steps(config, graphdef, tx)
@@ -268,12 +276,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   try:
     with _StopFlag() as stop:
       for step in range(first_step + 1, config.total_steps + 1):
+        profiler.before(step)
         with (
           jax.profiler.StepTraceAnnotation("train", step_num=step),
           jax.set_mesh(mesh),
           nnx.logical_axis_rules(rules),
         ):
           state, step_metrics = train_step(state, to_global(next(train_iter)))
+        if profiler.after(step, state):
+          writer.message(f"wrote a profile of steps {config.profile_steps} to {profiler.logdir}")
         pending.append((step, step_metrics["train/loss"]))
         window_steps += 1
         is_last = step == config.total_steps
@@ -282,6 +293,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
           last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           elapsed = time.time() - window_start
           last["train/tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
+          last["train/mfu"] = flops.mfu(flop_counts["train"], last["train/tokens_per_sec"], peak)
           window_start, window_steps = time.time(), 0
           if config.eval_every and (step % config.eval_every == 0 or is_last):
             last.update(evaluate(state["params"]))
@@ -301,6 +313,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
           break
   finally:
     # 8. Finish: let in-flight async saves land, also when a step raised.
+    profiler.close()
     ckpt.close()
     writer.close()
   logging.info("finished at step %d (last checkpoint %d): %s", step, saved_step, json.dumps(last))
