@@ -6,11 +6,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _dtypes
+from attnlab.ops import _dispatch, _dtypes
 from attnlab.ops.lucid import reference, xla
 from attnlab.ops.softmax.api import softmax_attention
 
 _IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+_KERNELS = ("pallas_tpu", "pallas_gpu")
+_VALUES = _dispatch.Dispatch(
+  op="lucid_values",
+  package="attnlab.ops.lucid",
+  implementations=("xla", "reference", *_KERNELS),
+  # Explicit only: the kernels' one-program-per-head solve beats the xla path
+  # only where batch × kv_heads fills the chip (see benchmarks/lucid_nats_l.py).
+  preferred={},
+)
 
 
 def lucid_values(
@@ -23,6 +32,7 @@ def lucid_values(
   context_length: jax.Array | int = 0,
   block_size: int = 64,
   implementation: str | None = None,
+  **kernel_options,
 ) -> jax.Array:
   """Preconditioned values V′ = L⁻¹V, per kv head, computed in float32 or wider.
 
@@ -34,8 +44,12 @@ def lucid_values(
       preconditioned values, [batch, cache_len, kv_heads, ...]; the first
       `context_length` rows are valid and precede the new tokens.
     block_size: rows per forward-substitution block; any T works.
-    implementation: None, 'xla' (blocked solve, custom VJP) or 'reference'
-      (the token recurrence).
+    implementation: None ('xla'), 'xla' (blocked solve, custom VJP),
+      'reference' (the token recurrence), or 'pallas_tpu' / 'pallas_gpu'
+      (one program per (batch, kv head) solving the whole sequence in the
+      kernel, custom VJP by the transposed solve; interpreted off their
+      hardware; float32 inside).
+    kernel_options: passed to a kernel (e.g. `interpret`).
 
   Returns:
     V′ [batch, time, kv_heads, head_dim_v] in the compute dtype.
@@ -46,9 +60,14 @@ def lucid_values(
     raise ValueError("context_keys and context_values go together")
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
-  impl = _dtypes.resolve_implementation(implementation, tuple(_IMPLEMENTATIONS), "lucid_values")
+  impl = _VALUES.choose(implementation, k, v)
   dtype = _dtypes.compute_dtype(k, v)
   cast = lambda a: None if a is None else jnp.asarray(a, dtype)
+  if impl in _KERNELS:
+    return _VALUES.module(impl).preconditioned_values(
+      cast(k), cast(v), eps=eps, block_size=block_size, context_keys=cast(context_keys),
+      context_values=cast(context_values), context_length=context_length, **kernel_options,
+    )  # fmt: skip
   return _IMPLEMENTATIONS[impl].preconditioned_values(
     cast(k),
     cast(v),
@@ -80,7 +99,7 @@ def lucid_attention(
   Returns:
     [batch, time, heads, head_dim_v] in q.dtype.
   """
-  # The softmax part can run on a flash kernel; V′ has no kernel path.
-  values_impl = implementation if implementation in (None, "xla", "reference") else "xla"
+  # The softmax part can run on a flash kernel, V′ on the solve kernel of the same backend.
+  values_impl = implementation if implementation != "cudnn" else "xla"
   v_prime = lucid_values(k, v, eps=eps, block_size=block_size, implementation=values_impl)
   return softmax_attention(q, k, v_prime, scale=scale, implementation=implementation)

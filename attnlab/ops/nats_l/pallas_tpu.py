@@ -322,7 +322,7 @@ def block_sparse_softmax(
     [batch, time, heads, head_dim_v] in q's dtype.
   """
   if block_size % SUBLANES:
-    raise ValueError(f"pallas_tpu block_sparse_softmax: block_size must be a multiple of 8")
+    raise ValueError("pallas_tpu block_sparse_softmax: block_size must be a multiple of 8")
   dtype = _common.common_dtype(q, k, v, "pallas_tpu block_sparse_softmax")
   if interpret is None:
     interpret = _dispatch.interpret_default("tpu", q, k, v) and pltpu.InterpretParams()

@@ -1,0 +1,180 @@
+"""The blocked solve V′ = L⁻¹V and its VJP as kernel bodies, shared by both
+LUCID kernel backends (jnp and lax only; the backends supply memory access).
+
+One program owns one (batch, kv head) and the whole sequence; rows are cut
+into blocks of `block` (a power of two). With k̂ the gain-free RMS-normalised
+keys, computed from the raw keys as each block is loaded (the norm is fused),
+and K_ij = exp(k̂_i k̂_jᵀ/√D − √D):
+
+  forward, i = 0 .. n−1:  V′_i = X_i (V_i − Σ_{j<i} K_ij V′_j),
+  backward, i = n−1 .. 0: dV_i = X_iᵀ (dV′_i − Σ_{j>i} K_jiᵀ dV_j),
+                          dG_ij = −(dV_i V′_jᵀ) ∘ K_ij  (j < i; strict on j = i),
+                          dk̂_i += s dG_ij k̂_j,  dk̂_j += s dG_ijᵀ k̂_i,
+
+where X_i = (I + strict(K_ii))⁻¹ is formed in the kernel by
+`unit_lower_inverse`, and finally dk = r dk̂ − (r³/D) k (k·dk̂) through the
+norm (r = 1/rms). Every product runs in float32 at HIGHEST precision: the
+solve amplifies rounding (on GPUs a TF32 product would cost ~3 digits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnlab.ops.lucid import xla
+
+_F32 = jnp.float32
+_NN = (((1,), (0,)), ((), ()))
+_NT = (((1,), (1,)), ((), ()))
+
+
+def dot(a: jax.Array, b: jax.Array, dims=_NN) -> jax.Array:
+  return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+
+
+def normalize(k: jax.Array, eps: float) -> jax.Array:
+  """[n, D] raw keys -> k̂ = k / sqrt(mean(k²) + eps) (float32)."""
+  k = k.astype(_F32)
+  return k * lax.rsqrt(jnp.mean(k * k, axis=-1, keepdims=True) + eps)
+
+
+def kernel_tile(a: jax.Array, b: jax.Array) -> jax.Array:
+  """exp(a bᵀ/√D − √D) for normalised [n, D] and [m, D]."""
+  d = a.shape[-1] if a.shape[-1] else 1
+  return jnp.exp(dot(a, b, _NT) * d**-0.5 - d**0.5)
+
+
+def _iota(n: int, axis: int) -> jax.Array:
+  return lax.broadcasted_iota(jnp.int32, (n, n), axis)
+
+
+def strict_lower(x: jax.Array) -> jax.Array:
+  n = x.shape[0]
+  return jnp.where(_iota(n, 0) > _iota(n, 1), x, 0.0)
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I + a)⁻¹ for a strictly lower-triangular [n, n], n a power of two.
+
+  Recursive 2×2 blocking done level by level on the whole matrix, so it
+  needs no slicing: with X_s the inverse of the block-diagonal part of
+  I + a in blocks of s and E_s the part of a inside 2s-blocks but outside
+  s-blocks, X_2s = X_s − X_s E_s X_s (exact, as E_s X_s E_s = 0). The same
+  products as `attnlab.ops._linalg.unit_lower_inverse`, 2·log₂ n matmuls.
+  """
+  n = a.shape[0]
+  rows, cols = _iota(n, 0), _iota(n, 1)
+  x = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
+  level = 0
+  while (1 << level) < n:
+    pair = lax.shift_right_logical(rows, level + 1) == lax.shift_right_logical(cols, level + 1)
+    half = lax.shift_right_logical(rows, level) != lax.shift_right_logical(cols, level)
+    e = jnp.where(pair & half, a, 0.0)
+    x = x - dot(x, dot(e, x))
+    level += 1
+  return x
+
+
+Load = Callable[[str, jax.Array], jax.Array]  # (name, block start) -> [block, width]
+Store = Callable[[str, jax.Array, jax.Array], None]  # (name, block start, value)
+
+
+def forward_body(load: Load, store: Store, barrier: Callable[[], None], *, block: int,
+                 num_blocks: int, eps: float) -> None:  # fmt: skip
+  """V′ of one (batch, head): reads 'k', 'v' and earlier 'vp' blocks, writes 'vp'."""
+
+  def row(i, carry):
+    start = i * block
+    k_i = normalize(load("k", start), eps)
+
+    def earlier(j, rhs):
+      k_j = normalize(load("k", j * block), eps)
+      return rhs - dot(kernel_tile(k_i, k_j), load("vp", j * block))
+
+    rhs = lax.fori_loop(0, i, earlier, load("v", start).astype(_F32))
+    inverse = unit_lower_inverse(strict_lower(kernel_tile(k_i, k_i)))
+    store("vp", start, dot(inverse, rhs))
+    barrier()  # later rows read this block back
+    return carry
+
+  lax.fori_loop(0, num_blocks, row, 0)
+
+
+def backward_body(load: Load, store: Store, barrier: Callable[[], None], *, block: int,
+                  num_blocks: int, eps: float) -> None:  # fmt: skip
+  """dV and dk of one (batch, head) from 'k', 'vp' and the cotangent 'g'.
+
+  Writes 'dv' (read back by earlier rows) and accumulates dk̂ in 'dk', then
+  maps it through the norm.
+  """
+
+  def zero(i, carry):
+    k = load("k", i * block)
+    store("dk", i * block, jnp.zeros(k.shape, _F32))
+    return carry
+
+  lax.fori_loop(0, num_blocks, zero, 0)
+  barrier()
+
+  def row(t, carry):
+    i = num_blocks - 1 - t
+    start = i * block
+    k_i = normalize(load("k", start), eps)
+    scale = k_i.shape[-1] ** -0.5
+
+    def later(j, rhs):
+      k_j = normalize(load("k", j * block), eps)
+      return rhs - dot(kernel_tile(k_j, k_i).T, load("dv", j * block))
+
+    rhs = lax.fori_loop(i + 1, num_blocks, later, load("g", start).astype(_F32))
+    own = strict_lower(kernel_tile(k_i, k_i))
+    dv_i = dot(unit_lower_inverse(own).T, rhs)
+    store("dv", start, dv_i)
+
+    def earlier(j, dk_i):
+      k_j = normalize(load("k", j * block), eps)
+      d_g = -dot(dv_i, load("vp", j * block), _NT) * kernel_tile(k_i, k_j)
+      store("dk", j * block, load("dk", j * block) + scale * dot(d_g.T, k_i))
+      return dk_i + scale * dot(d_g, k_j)
+
+    dk_i = lax.fori_loop(0, i, earlier, jnp.zeros(k_i.shape, _F32))
+    d_g = -dot(dv_i, load("vp", start), _NT) * own
+    dk_i = dk_i + scale * (dot(d_g, k_i) + dot(d_g.T, k_i))
+    store("dk", start, load("dk", start) + dk_i)
+    barrier()
+    return carry
+
+  lax.fori_loop(0, num_blocks, row, 0)
+
+  def through_norm(i, carry):
+    k = load("k", i * block).astype(_F32)
+    r = lax.rsqrt(jnp.mean(k * k, axis=-1, keepdims=True) + eps)
+    dk_hat = load("dk", i * block)
+    dot_kd = jnp.sum(k * dk_hat, axis=-1, keepdims=True)
+    store("dk", i * block, r * dk_hat - (r * r * r / k.shape[-1]) * k * dot_kd)
+    return carry
+
+  lax.fori_loop(0, num_blocks, through_norm, 0)
+
+
+def context_term(k, context_keys, context_values, context_length, eps) -> jax.Array:
+  """Σ_c K(k̂_t, ĉ_c) V′_c over the valid cached rows, [B,T,H,Dv] float32 (plain XLA).
+
+  The new rows' right-hand side is v minus this, as in the xla path.
+  """
+  k_hat = xla.normalize_keys(jnp.moveaxis(k.astype(_F32), 2, 1), eps)  # [B,H,T,D]
+  c_hat = xla.normalize_keys(jnp.moveaxis(context_keys.astype(_F32), 2, 1), eps)
+  valid = jnp.arange(c_hat.shape[2]) < context_length
+  weights = jnp.where(valid, xla.kernel(k_hat, c_hat), 0.0)
+  term = weights @ jnp.moveaxis(context_values.astype(_F32), 2, 1)
+  return jnp.moveaxis(term, 1, 2)
+
+
+def kernel_block(t: int, block_size: int) -> int:
+  """The kernels' row block: the largest power of two <= block_size, within [8, T rounded up]."""
+  largest = 1 << (max(block_size, 1).bit_length() - 1)
+  return max(8, min(largest, 1 << max(0, (t - 1).bit_length())))

@@ -1,0 +1,141 @@
+"""LUCID's preconditioned values V′ = L⁻¹V on NVIDIA GPUs (Pallas, Triton lowering).
+
+Grid (batch, kv_heads): one program solves one head's whole sequence,
+sweeping row blocks in order (forward) or in reverse (the transposed solve of
+the VJP) with the bodies of `_solve`: key RMS-norm and exponential kernel
+fused into the tiles, each diagonal block inverted in the kernel, products at
+IEEE float32 (no TF32). K, V and V′ stay in global memory and stream through
+the tiles; a block written by one row sweep is read back by later rows of the
+same program, so a CTA barrier follows each row's stores.
+
+The parallelism is batch × kv_heads programs, each serial over T/block
+rows: enough to fill an H200 only at batch · kv_heads ≳ 100; below that the
+xla path's batched matmuls may win (the benchmark measures both). Layout
+[batch, time, heads, head_dim] as the op takes it, head_dim padded to a
+power of two (>= 16). Off GPU the kernels run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from attnlab.ops import _dispatch
+from attnlab.ops.flash import _common
+from attnlab.ops.lucid import _solve
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  block: int
+  num_blocks: int
+  eps: float
+  interpret: bool
+  num_warps: int = 4
+
+
+def _access(refs: dict, block: int, interpret: bool):
+  def load(name, start):
+    return refs[name][pl.ds(pl.multiple_of(start, block), block), :]
+
+  def store(name, start, value):
+    refs[name][pl.ds(pl.multiple_of(start, block), block), :] = value.astype(refs[name].dtype)
+
+  # Interpret mode runs the body sequentially and has no barrier to lower.
+  barrier = (lambda: None) if interpret else pl_triton.debug_barrier
+  return load, store, barrier
+
+
+def _fwd_kernel(k_ref, v_ref, vp_ref, *, cfg: _Config):
+  load, store, barrier = _access({"k": k_ref, "v": v_ref, "vp": vp_ref}, cfg.block, cfg.interpret)
+  _solve.forward_body(load, store, barrier, block=cfg.block, num_blocks=cfg.num_blocks, eps=cfg.eps)
+
+
+def _bwd_kernel(k_ref, vp_ref, g_ref, dk_ref, dv_ref, *, cfg: _Config):
+  refs = {"k": k_ref, "vp": vp_ref, "g": g_ref, "dk": dk_ref, "dv": dv_ref}
+  load, store, barrier = _access(refs, cfg.block, cfg.interpret)
+  _solve.backward_body(
+    load, store, barrier, block=cfg.block, num_blocks=cfg.num_blocks, eps=cfg.eps
+  )
+
+
+def _call(kernel, cfg: _Config, inputs, out_widths, name: str):
+  b, tp, h = inputs[0].shape[:3]
+  spec = lambda w: pl.BlockSpec((None, tp, None, w), lambda b, h: (b, 0, h, 0))
+  return pl.pallas_call(
+    functools.partial(kernel, cfg=cfg),
+    grid=(b, h),
+    in_specs=[spec(x.shape[-1]) for x in inputs],
+    out_specs=[spec(w) for w in out_widths],
+    out_shape=[jax.ShapeDtypeStruct((b, tp, h, w), _F32) for w in out_widths],
+    compiler_params=pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+    interpret=cfg.interpret,
+    name=name,
+  )(*inputs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lucid_solve(k, v, cfg: _Config):
+  (vp,) = _call(_fwd_kernel, cfg, (k, v), (v.shape[-1],), "attnlab_lucid_solve_fwd")
+  return vp
+
+
+def _solve_fwd(k, v, cfg: _Config):
+  vp = _lucid_solve(k, v, cfg)
+  return vp, (k, vp)
+
+
+def _solve_bwd(cfg: _Config, saved, g):
+  k, vp = saved
+  dk, dv = _call(
+    _bwd_kernel, cfg, (k, vp, g.astype(_F32)), (k.shape[-1], vp.shape[-1]),
+    "attnlab_lucid_solve_bwd",
+  )  # fmt: skip
+  return dk, dv
+
+
+_lucid_solve.defvjp(_solve_fwd, _solve_bwd)
+
+
+def preconditioned_values(
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  eps: float,
+  block_size: int,
+  context_keys: jax.Array | None = None,
+  context_values: jax.Array | None = None,
+  context_length: jax.Array | int = 0,
+  interpret: bool | None = None,
+  num_warps: int = 4,
+) -> jax.Array:
+  """See `attnlab.ops.lucid_values`: [B,T,H,D] raw keys, [B,T,H,Dv] values -> V′ (float32).
+
+  Args:
+    block_size: rows per block; the kernel uses the largest power of two
+      not above it (at least 16, Triton's smallest dot).
+    interpret: None (interpret unless compiling for GPU) or a bool.
+  """
+  if interpret is None:
+    interpret = _dispatch.interpret_default("gpu", k, v)
+  t, d, dv = k.shape[1], k.shape[-1], v.shape[-1]
+  rhs = v.astype(_F32)
+  if context_keys is not None:
+    rhs = rhs - _solve.context_term(k, context_keys, context_values, context_length, eps)
+  block = max(16, _solve.kernel_block(t, block_size))
+  tp = _common.round_up(t, block)
+  width = lambda n: max(16, pl.next_power_of_2(n))
+  # Key columns cannot be padded: the norm's mean and the kernel's √D use D.
+  prep = lambda x, n: _common.pad_axis(_common.pad_axis(x.astype(_F32), 1, tp), 3, width(n))
+  if width(d) != d:
+    raise ValueError(f"pallas_gpu lucid_values: head_dim must be a power of two >= 16, got {d}")
+  cfg = _Config(block, tp // block, float(eps), bool(interpret), num_warps)
+  vp = _lucid_solve(prep(k, d), prep(rhs, dv), cfg)
+  return vp[:, :t, :, :dv]

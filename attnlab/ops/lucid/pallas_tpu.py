@@ -1,0 +1,143 @@
+"""LUCID's preconditioned values V′ = L⁻¹V on TPU (Mosaic, `pl.pallas_call`).
+
+Grid (batch, kv_heads): one program solves one head's whole sequence, its
+keys, values and V′ resident in VMEM ([time, head_dim] each), sweeping row
+blocks in order (forward) or in reverse (the transposed solve of the VJP);
+the body is `_solve.forward_body` / `backward_body`. The key RMS-norm and
+the exponential kernel are fused into the tiles, each diagonal block is
+inverted in the kernel, and nothing T×T is ever stored: HBM traffic is
+O(T·D) per head against the xla path's per-block [block, T] kernel rows.
+
+VMEM grows with T (about 6·T·D·4 bytes with double buffering), so the limit
+is raised to fit; past ~16K tokens at D=128 use the xla path. A context
+(cached earlier tokens, decoding) is folded into the right-hand side in XLA
+first, as the xla path does. Off TPU the kernels run in TPU interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from attnlab.ops import _dispatch
+from attnlab.ops.flash import _common
+from attnlab.ops.lucid import _solve
+
+_F32 = jnp.float32
+LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  block: int
+  num_blocks: int
+  eps: float
+  interpret: Any
+
+
+def _access(refs: dict, block: int):
+  def load(name, start):
+    return refs[name][pl.ds(pl.multiple_of(start, block), block), :]
+
+  def store(name, start, value):
+    refs[name][pl.ds(pl.multiple_of(start, block), block), :] = value.astype(refs[name].dtype)
+
+  return load, store, lambda: None
+
+
+def _fwd_kernel(k_ref, v_ref, vp_ref, *, cfg: _Config):
+  load, store, barrier = _access({"k": k_ref, "v": v_ref, "vp": vp_ref}, cfg.block)
+  _solve.forward_body(load, store, barrier, block=cfg.block, num_blocks=cfg.num_blocks, eps=cfg.eps)
+
+
+def _bwd_kernel(k_ref, vp_ref, g_ref, dk_ref, dv_ref, *, cfg: _Config):
+  refs = {"k": k_ref, "vp": vp_ref, "g": g_ref, "dk": dk_ref, "dv": dv_ref}
+  load, store, barrier = _access(refs, cfg.block)
+  _solve.backward_body(
+    load, store, barrier, block=cfg.block, num_blocks=cfg.num_blocks, eps=cfg.eps
+  )
+
+
+def _call(kernel, cfg: _Config, inputs, out_widths, name: str):
+  b, h, tp = inputs[0].shape[:3]
+  spec = lambda w: pl.BlockSpec((None, None, tp, w), lambda b, h: (b, h, 0, 0))
+  resident = sum(x.shape[-1] for x in inputs) + sum(out_widths)
+  vmem = min(100 * 2**20, max(32 * 2**20, 3 * resident * tp * 4))
+  return pl.pallas_call(
+    functools.partial(kernel, cfg=cfg),
+    grid=(b, h),
+    in_specs=[spec(x.shape[-1]) for x in inputs],
+    out_specs=[spec(w) for w in out_widths],
+    out_shape=[jax.ShapeDtypeStruct((b, h, tp, w), _F32) for w in out_widths],
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=vmem
+    ),
+    interpret=cfg.interpret,
+    name=name,
+  )(*inputs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lucid_solve(k, v, cfg: _Config):
+  (vp,) = _call(_fwd_kernel, cfg, (k, v), (v.shape[-1],), "attnlab_lucid_solve_fwd")
+  return vp
+
+
+def _solve_fwd(k, v, cfg: _Config):
+  vp = _lucid_solve(k, v, cfg)
+  return vp, (k, vp)
+
+
+def _solve_bwd(cfg: _Config, saved, g):
+  k, vp = saved
+  dk, dv = _call(
+    _bwd_kernel, cfg, (k, vp, g.astype(_F32)), (k.shape[-1], vp.shape[-1]),
+    "attnlab_lucid_solve_bwd",
+  )  # fmt: skip
+  return dk, dv
+
+
+_lucid_solve.defvjp(_solve_fwd, _solve_bwd)
+
+
+def preconditioned_values(
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  eps: float,
+  block_size: int,
+  context_keys: jax.Array | None = None,
+  context_values: jax.Array | None = None,
+  context_length: jax.Array | int = 0,
+  interpret: Any = None,
+) -> jax.Array:
+  """See `attnlab.ops.lucid_values`: [B,T,H,D] raw keys, [B,T,H,Dv] values -> V′ (float32).
+
+  Args:
+    block_size: rows per block; the kernel uses the largest power of two
+      not above it (at least 8).
+    interpret: None (interpret unless compiling for TPU), False, True or a
+      `pltpu.InterpretParams`.
+  """
+  if interpret is None:
+    interpret = _dispatch.interpret_default("tpu", k, v) and pltpu.InterpretParams()
+  return _run(k, v, eps, block_size, context_keys, context_values, context_length,
+              lambda t, block: _Config(block, t // block, float(eps), interpret))  # fmt: skip
+
+
+def _run(k, v, eps, block_size, context_keys, context_values, context_length, make_cfg):
+  t = k.shape[1]
+  rhs = v.astype(_F32)
+  if context_keys is not None:
+    rhs = rhs - _solve.context_term(k, context_keys, context_values, context_length, eps)
+  block = _solve.kernel_block(t, block_size)
+  tp = _common.round_up(t, block)
+  prep = lambda x: _common.pad_axis(jnp.swapaxes(x.astype(_F32), 1, 2), 2, tp)
+  vp = _lucid_solve(prep(k), prep(rhs), make_cfg(tp, block))
+  return jnp.swapaxes(vp[:, :, :t], 1, 2)
