@@ -1,5 +1,6 @@
 """The trunk: decoding equals the parallel form, layer patterns, masks, sizes."""
 
+import functools
 import importlib.util
 
 import jax
@@ -219,8 +220,6 @@ def test_weight_decay_mask_exempts_delta_decay_parameters():
 
 
 def test_nats_l_straight_through_gradient_reaches_the_scorer():
-  from attnlab.models.attention import nats_l
-
   cfg = _case_config("nats_l")
   model = build_model(cfg, nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 23)))
@@ -233,18 +232,69 @@ def test_nats_l_straight_through_gradient_reaches_the_scorer():
   scorer = grads["blocks"][0]["mixer"]["scorer"]["kernel"][...]
   assert bool(jnp.isfinite(scorer).all()) and float(jnp.abs(scorer).max()) > 1e-6
 
-  # The estimator: forward is the hard one-hot; backward is the softmax
-  # Jacobian applied to the chosen option's gradient (delta's divided by C).
-  logits = jnp.asarray([[1.0, -0.5], [0.2, 0.9]])
-  gates, hard = nats_l.straight_through_types(logits, block_size=4)
-  np.testing.assert_array_equal(gates, hard)
-  cot = jnp.asarray([[3.0, 5.0], [7.0, 11.0]])
-  _, vjp = jax.vjp(lambda x: nats_l.straight_through_types(x, 4)[0], logits)
-  (got,) = vjp(cot)
-  seen = cot * hard * jnp.asarray([1.0, 0.25])
-  p = jax.nn.softmax(logits)
-  expected = p * (seen - jnp.sum(p * seen, -1, keepdims=True))
-  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+def test_nats_l_routing_gradient_matches_finite_differences_of_a_soft_gate(x64):
+  """Both options' routing gradients are d(loss)/d(gate) of a soft gate at its
+  hard value, unscaled (official kernels since upstream 72924be), through the
+  softmax straight-through Jacobian. The delta option's includes the decay of
+  each write to the block end; g is far from 0 here so that matters."""
+  from attnlab import ops
+  from attnlab.models.attention import nats_l
+
+  b, t, size, heads, group, dk, dv = 1, 14, 4, 2, 2, 4, 3
+  n = -(-t // size)
+  rng = np.random.default_rng(3)
+
+  def normal(*shape):
+    return jnp.asarray(rng.normal(size=shape))
+
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  delta = (
+    unit(normal(b, t, heads, dk)),
+    unit(normal(b, t, heads, dk)),
+    normal(b, t, heads, dv),
+    -jnp.asarray(rng.uniform(0.1, 0.6, (b, t, heads))),
+    jnp.asarray(rng.uniform(0.2, 0.9, (b, t, heads))),
+  )
+  attn = (normal(b, t, heads * group, dk), normal(b, t, heads * group, dk))
+  attn += (normal(b, t, heads * group, dv),)
+  w_delta, w_attn = normal(b, t, heads, dv), normal(b, t, heads * group, dv)
+  logits = normal(b, n, heads, 2)
+
+  def loss_of_gates(write, visible, implementation):
+    o_delta = ops.block_gated_delta_rule(
+      *delta, write, block_size=size, implementation=implementation
+    )
+    o_attn = ops.block_sparse_softmax(
+      *attn, jnp.repeat(visible, group, axis=2), block_size=size, implementation=implementation
+    )
+    return jnp.sum(o_delta * w_delta) + jnp.sum(o_attn * w_attn)
+
+  def loss(logits):
+    gates, _ = nats_l.straight_through_types(logits)
+    return loss_of_gates(gates[..., nats_l.DELTA], gates[..., nats_l.ATTENTION], "xla")
+
+  got = jax.grad(loss)(logits)
+
+  _, hard = nats_l.straight_through_types(logits)
+  assert 0 < float(hard[:, :-1, :, nats_l.ATTENTION].mean()) < 1  # both options exercised
+  reference = jax.jit(functools.partial(loss_of_gates, implementation="reference"))
+  eps, fd = 1e-6, np.zeros(hard.shape)
+  for index in np.ndindex(*hard.shape):
+    bump = jnp.zeros(hard.shape).at[index].set(eps)
+    plus, minus = hard + bump, hard - bump
+    fd[index] = (
+      reference(plus[..., 1], plus[..., 0]) - reference(minus[..., 1], minus[..., 0])
+    ) / (2 * eps)
+  for option in (nats_l.ATTENTION, nats_l.DELTA):  # each chosen somewhere, with real gradient
+    chosen = np.asarray(hard[:, :-1, :, option]) == 1
+    assert np.abs(fd[:, :-1, :, option][chosen]).max() > 1e-2
+  seen = np.asarray(hard) * fd  # only the chosen option's gradient
+  p = np.asarray(jax.nn.softmax(logits))
+  expected = p * (seen - np.sum(p * seen, -1, keepdims=True))
+  # The estimator's softmax runs in float32 (its logits are cast), hence 1e-5;
+  # the old 1/block_size rule is off by a factor 4 here.
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_registry_lists_variants_and_rejects_duplicates():

@@ -10,8 +10,14 @@ softmax heads) from its mean-pooled input:
     types = one_hot(argmax(W_s · mean(x_block)))     index 0 = attention, 1 = delta
 
 trained with a softmax straight-through estimator. As in the official
-kernels, only the chosen option passes gradient back, and the delta option's
-gradient ⟨dS_end, ΔS_block⟩ is divided by the block size. Attention-typed
+kernels, only the chosen option passes gradient back, and neither option's
+gradient is scaled: the attention option's is the sum of the block's score
+gradients, the delta option's ⟨dS_end, ΔS_block⟩ with ΔS_block =
+Σ_{t ∈ block} e^{g_last − g_t} k_t u_tᵀ, the block's write decayed to the
+block end (official `common/chunk_o.py`: Σ k·dk·exp(g_last − g); upstream
+commit 72924be removed an earlier 1/block_size from both). The ops take
+the types as multiplicative gates, so autodiff yields exactly these
+derivatives of a soft gate at its hard value. Attention-typed
 blocks stay visible to later softmax queries; delta-typed blocks are written
 into the recurrent state (which decays through every block); every query sees
 its own block through both operators. The outputs merge as
@@ -56,18 +62,18 @@ def block_means(x: jax.Array, block_size: int) -> jax.Array:
   return sums / counts[None, :, None]
 
 
-def straight_through_types(logits: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+def straight_through_types(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
   """[..., 2] scorer logits -> (gates, hard one-hot).
 
   Forward: the hard one-hot. Backward: the softmax Jacobian, fed only by the
-  chosen option's gradient, with the delta option's divided by block_size.
+  chosen option's gradient d(loss)/d(gate), unscaled (as the official kernels).
   """
   soft = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), 2, dtype=jnp.float32)
   types = hard + soft - jax.lax.stop_gradient(soft)
-  multiplier = hard * jnp.array([1.0, 1.0 / block_size])
+  # The unchosen option's gradient is not computed by the official kernels.
   frozen = jax.lax.stop_gradient(types)
-  return frozen + multiplier * (types - frozen), hard
+  return frozen + hard * (types - frozen), hard
 
 
 @registry.register(
@@ -146,7 +152,7 @@ class NAtSL(base.Mixer):
   def block_types(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D] -> (straight-through gates, hard one-hot), both [B, N, H, 2]."""
     logits = self.scorer(block_means(x, self.block_size))
-    return straight_through_types(logits.reshape(*logits.shape[:2], self.heads, 2), self.block_size)
+    return straight_through_types(logits.reshape(*logits.shape[:2], self.heads, 2))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, d_model] -> [B, T, d_model] (parallel form)."""
