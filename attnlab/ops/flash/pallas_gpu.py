@@ -45,10 +45,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from attnlab.ops import _dispatch
 from attnlab.ops.flash import _common, _tile
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -118,8 +120,8 @@ def _causal(q_start, k_start, bq: int, bk: int, masked: bool):
   """The visibility mask, or True for tiles known to sit below the diagonal."""
   if not masked:
     return True
-  rows = q_start + jnp.arange(bq)
-  cols = k_start + jnp.arange(bk)
+  rows = q_start + jnp.arange(bq, dtype=jnp.int32)
+  cols = k_start + jnp.arange(bk, dtype=jnp.int32)
   return cols[None, :] <= rows[:, None]
 
 
@@ -136,11 +138,13 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
   q_start = i * bq
   q = r["q"][...]
   alpha = r["alpha"][...][:, None] if "alpha" in r else None
-  positions = (q_start + jnp.arange(bq) + 1).astype(_F32)  # 1-based, i in the formulas
+  positions = (q_start + jnp.arange(bq, dtype=jnp.int32) + 1).astype(
+    _F32
+  )  # 1-based, i in the formulas
   n = positions[:, None]
   # Blocks [0, full) are visible to every row; [full, last) straddle the diagonal.
-  full = lax.div(q_start + 1, bk)
-  last = lax.div(q_start + bq + bk - 1, bk)
+  full = lax.div(q_start + 1, np.int32(bk))
+  last = lax.div(q_start + bq + bk - 1, np.int32(bk))
 
   def tile(j, masked):
     k_start = pl.multiple_of(j * bk, bk)
@@ -230,10 +234,10 @@ def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
   q_start = i * bq
   q, do = r["q"][...], r["do"][...]
   alpha = r["alpha"][...][:, None] if "alpha" in r else None
-  n = (q_start + jnp.arange(bq) + 1).astype(_F32)[:, None]
+  n = (q_start + jnp.arange(bq, dtype=jnp.int32) + 1).astype(_F32)[:, None]
   row = _row_stats(r, cfg.kind, Ellipsis)
-  full = lax.div(q_start + 1, bk)
-  last = lax.div(q_start + bq + bk - 1, bk)
+  full = lax.div(q_start + 1, np.int32(bk))
+  last = lax.div(q_start + bq + bk - 1, np.int32(bk))
 
   def tile(j, masked):
     k_start = pl.multiple_of(j * bk, bk)
@@ -291,8 +295,8 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], group: int, num_q: 
   k, v = r["k"][...], r["v"][...]
   beta = r["beta"][...][None, :] if "beta" in r else None
   # Query blocks [first, full) straddle the diagonal; [full, num_q) see the whole kv block.
-  first = lax.div(k_start, bq)
-  full = jnp.minimum(lax.div(k_start + bk - 1 + bq - 1, bq), num_q)
+  first = lax.div(k_start, np.int32(bq))
+  full = jnp.minimum(lax.div(k_start + bk - 1 + bq - 1, np.int32(bq)), num_q)
 
   def q_body(i, carry, masked, head):
     dk, dv, dbeta = carry
@@ -301,7 +305,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], group: int, num_q: 
     q, do = r["q"][rows, head, :], r["do"][rows, head, :]
     alpha = r["alpha"][head, rows][:, None] if "alpha" in r else None
     row = {name: r[name][head, rows][:, None] for name in _BACKWARD_STATS[cfg.kind]}
-    n = (q_start + jnp.arange(bq) + 1).astype(_F32)[:, None]
+    n = (q_start + jnp.arange(bq, dtype=jnp.int32) + 1).astype(_F32)[:, None]
     mask = _causal(q_start, k_start, bq, bk, masked)
     p, u = _logits(cfg, q, k, alpha, beta)
     dp = lax.dot_general(do, v, _NT, preferred_element_type=_F32)
@@ -359,10 +363,10 @@ def _forward(q, k, v, alpha, beta, cfg: _Config):
   bq = cfg.blocks.block_q
   tile = lambda width: pl.BlockSpec((None, bq, None, width), lambda i, b, h: (b, i, h, 0))
   seq = lambda width: pl.BlockSpec(
-    (None, tp, None, width), lambda i, b, h: (b, 0, lax.div(h, group), 0)
+    (None, tp, None, width), lambda i, b, h: (b, 0, lax.div(h, np.int32(group)), 0)
   )
   row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-  col = pl.BlockSpec((None, None, tp), lambda i, b, h: (b, lax.div(h, group), 0))
+  col = pl.BlockSpec((None, None, tp), lambda i, b, h: (b, lax.div(h, np.int32(group)), 0))
   stats = {"softmax": ("lse",), "lssa": ("z",), "lssar": ("z", "xmax", "bsum")}[cfg.kind]
   outputs = [("o", jax.ShapeDtypeStruct((b, tp, h, dv), q.dtype), tile(dv))]
   outputs += [(s, jax.ShapeDtypeStruct((b, h, tp), _F32), row) for s in stats]
@@ -399,10 +403,10 @@ def _flash_bwd(cfg: _Config, saved, do):
   bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
   tile = lambda width: pl.BlockSpec((None, bq, None, width), lambda i, b, h: (b, i, h, 0))
   seq = lambda width: pl.BlockSpec(
-    (None, tp, None, width), lambda i, b, h: (b, 0, lax.div(h, group), 0)
+    (None, tp, None, width), lambda i, b, h: (b, 0, lax.div(h, np.int32(group)), 0)
   )
   row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-  col = pl.BlockSpec((None, None, tp), lambda i, b, h: (b, lax.div(h, group), 0))
+  col = pl.BlockSpec((None, None, tp), lambda i, b, h: (b, lax.div(h, np.int32(group)), 0))
   inputs = [
     ("q", q, tile(d)), ("k", k, seq(d)), ("v", v, seq(dv)), ("do", do, tile(dv)),
     ("alpha", alpha, row), ("beta", beta, col),
@@ -469,7 +473,7 @@ def flash_attention(
     kind: 'softmax', 'lssa' or 'lssar' (needs `power`).
     scale: constant factor of the logits.
     blocks: tile sizes and launch parameters.
-    interpret: None (interpret unless the backend is GPU) or a bool.
+    interpret: None (interpret unless compiled for a GPU) or a bool.
 
   Returns:
     [batch, time, heads, head_dim_v] in q's dtype.
@@ -480,7 +484,7 @@ def flash_attention(
   dtype = _common.common_dtype(q, k, v, "pallas_gpu")
   blocks = blocks or BlockSizes()
   if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+    interpret = _dispatch.interpret_default("gpu", q)
   cfg = _Config(kind, None if power is None else float(power), float(scale), blocks, interpret)
   t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
   tp = _common.round_up(t, blocks.largest())

@@ -37,10 +37,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from attnlab.ops import _dispatch
 from attnlab.ops.flash import _common, _tile
 
 LANES = 128
@@ -226,15 +228,16 @@ def _row_call(cfg: _Config, phase: str, arrays: dict, out_dtype):
   num_q, num_k = tp // bq, tp // bk
 
   def kv_block(qi, kj):  # clamp skipped tiles to the last useful block: no new DMA
-    return jnp.minimum(kj, lax.div(qi * bq + bq - 1, bk))
+    return jnp.minimum(kj, lax.div(qi * bq + bq - 1, np.int32(bk)))
 
   q_spec = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, i, j: (b, h, i, 0))
   kv_spec = lambda width: pl.BlockSpec(
-    (None, None, bk, width), lambda b, h, i, j: (b, lax.div(h, group), kv_block(i, j), 0)
+    (None, None, bk, width), lambda b, h, i, j: (b, lax.div(h, np.int32(group)), kv_block(i, j), 0)
   )
   row_spec = q_spec(LANES)
   beta_spec = pl.BlockSpec(
-    (None, None, SUBLANES, bk), lambda b, h, i, j: (b, lax.div(h, group), 0, kv_block(i, j))
+    (None, None, SUBLANES, bk),
+    lambda b, h, i, j: (b, lax.div(h, np.int32(group)), 0, kv_block(i, j)),
   )
 
   names, inputs, specs = [], [], []
@@ -289,7 +292,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], num_q: int, group: 
   r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_k
   kj, step = pl.program_id(2), pl.program_id(3)
-  qi = lax.rem(step, num_q)
+  qi = lax.rem(step, np.int32(num_q))
   q_start, k_start = qi * bq, kj * bk
 
   @pl.when(step == 0)
@@ -342,8 +345,10 @@ def _dkv_call(cfg: _Config, arrays: dict):
   num_q, num_k = tp // bq, tp // bk
 
   def q_index(hk_, kj, step):  # (head, q block); skipped tiles repeat the first useful block
-    first = lax.div(kj * bk, bq)
-    return hk_ * group + lax.div(step, num_q), jnp.maximum(lax.rem(step, num_q), first)
+    first = lax.div(kj * bk, np.int32(bq))
+    return hk_ * group + lax.div(step, np.int32(num_q)), jnp.maximum(
+      lax.rem(step, np.int32(num_q)), first
+    )
 
   def q_map(b, hk_, kj, step):
     head, qi = q_index(hk_, kj, step)
@@ -489,7 +494,7 @@ def flash_attention(
     kind: 'softmax', 'lssa' or 'lssar' (needs `power`).
     scale: constant factor of the logits.
     block_q, block_k: tile sizes, multiples of 128 (default up to 512).
-    interpret: None (TPU interpret mode unless the backend is TPU), False,
+    interpret: None (TPU interpret mode unless compiled for a TPU), False,
       True (plain HLO interpret mode) or a `pltpu.InterpretParams`.
 
   Returns:
@@ -506,7 +511,7 @@ def flash_attention(
   if bq % LANES or bk % LANES:
     raise ValueError(f"TPU blocks must be multiples of {LANES}; got {bq}, {bk}")
   if interpret is None:
-    interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+    interpret = pltpu.InterpretParams() if _dispatch.interpret_default("tpu", q) else False
   power = None if power is None else float(power)
   cfg = _Config(kind, power, float(scale), bq, bk, interpret)
   tp = _common.round_up(t, math.lcm(bq, bk))

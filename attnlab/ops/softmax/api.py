@@ -10,41 +10,31 @@ for them.
 
 from __future__ import annotations
 
-import importlib
-
 import jax
-import jax.numpy as jnp
 
-from attnlab.ops import _dtypes
-
-_IMPLEMENTATIONS = ("xla", "reference", "pallas_tpu", "pallas_gpu", "cudnn")
-_KERNELS = ("pallas_tpu", "pallas_gpu", "cudnn")
-_KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+from attnlab.ops import _dispatch
 
 
-def _best(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
-  """The fastest path for this backend and these inputs.
-
-  TPU: the Pallas kernel. GPU: cuDNN where it applies (one 16-bit dtype,
-  head_dim <= 128 and a multiple of 8, equal q/v head dims), else the Pallas
-  kernel. Elsewhere, and for float64, the dense XLA path.
-  """
-  backend = jax.default_backend()
-  dtypes = {q.dtype, k.dtype, v.dtype}
-  if backend not in ("tpu", "gpu") or not dtypes <= set(map(jnp.dtype, _KERNEL_DTYPES)):
-    return "xla"
-  if backend == "tpu":
-    return "pallas_tpu"
+def _eligible(kernel: str, arrays) -> bool:
+  """cuDNN's limits: one 16-bit dtype, head_dim <= 128 and a multiple of 8,
+  equal q/v head dims. The Pallas kernels take any KERNEL_DTYPES input."""
+  if kernel != "cudnn":
+    return True
+  q, k, v = arrays[:3]
   d = q.shape[-1]
-  cudnn_ok = len(dtypes) == 1 and q.dtype != jnp.float32 and d <= 128 and d % 8 == 0
-  return "cudnn" if cudnn_ok and v.shape[-1] == d else "pallas_gpu"
+  return (
+    len({q.dtype, k.dtype, v.dtype}) == 1 and q.dtype.itemsize == 2 and d <= 128 and d % 8 == 0
+    and v.shape[-1] == d
+  )  # fmt: skip
 
 
-def _module(implementation: str | None, q, k, v, op_name: str):
-  if implementation is None:
-    implementation = _best(q, k, v)
-  impl = _dtypes.resolve_implementation(implementation, _IMPLEMENTATIONS, op_name)
-  return importlib.import_module(f"attnlab.ops.softmax.{impl}")
+_DISPATCH = _dispatch.Dispatch(
+  op="softmax_attention",
+  package="attnlab.ops.softmax",
+  implementations=("xla", "reference", "pallas_tpu", "pallas_gpu", "cudnn"),
+  preferred={"tpu": ("pallas_tpu",), "gpu": ("cudnn", "pallas_gpu")},
+  eligible=_eligible,
+)
 
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, logit_scale) -> None:
@@ -85,9 +75,9 @@ def softmax_attention(
     scale: logit scale, default head_dim**-0.5.
     logit_scale: optional [batch, time, heads] multiplier of each query's
       logits (selective attention's temperature).
-    implementation: None (best for the backend: 'pallas_tpu' on TPU, 'cudnn'
-      or 'pallas_gpu' on GPU, 'xla' elsewhere), 'xla', 'reference',
-      'pallas_tpu', 'pallas_gpu' or 'cudnn'.
+    implementation: None (best for the platform compiled for: 'pallas_tpu'
+      on TPU, 'cudnn' or 'pallas_gpu' on GPU, 'xla' elsewhere and for
+      float64), 'xla', 'reference', 'pallas_tpu', 'pallas_gpu' or 'cudnn'.
 
   Returns:
     [batch, time, heads, head_dim_v] in q.dtype.
@@ -98,7 +88,7 @@ def softmax_attention(
       f"q has {q.shape[1]} steps but k has {k.shape[1]}; use "
       "softmax_attention_cached for queries against a cache"
     )
-  module = _module(implementation, q, k, v, "softmax_attention")
+  module = _DISPATCH.module(implementation, q, k, v)
   return module.softmax_attention(q, k, v, scale=scale, logit_scale=logit_scale)
 
 
@@ -129,8 +119,8 @@ def softmax_attention_cached(
     run 'xla' here.
   """
   _check(q, k_cache, v_cache, logit_scale)
-  _dtypes.resolve_implementation(implementation, _IMPLEMENTATIONS, "softmax_attention_cached")
+  _DISPATCH.choose(implementation)  # validates the name
   impl = "reference" if implementation == "reference" else "xla"
-  return _module(impl, q, k_cache, v_cache, "softmax_attention_cached").softmax_attention_cached(
+  return _DISPATCH.module(impl).softmax_attention_cached(
     q, k_cache, v_cache, cache_length, scale=scale, logit_scale=logit_scale
   )

@@ -12,44 +12,38 @@ result unchanged and keeps p = 15 inside float32 range.
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _dtypes
-from attnlab.ops.softplus import reference, xla
+from attnlab.ops import _dispatch, _dtypes
 
-_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
-# Flash kernels (attnlab.ops.flash), imported on first use; they serve full
-# sequences, so the cached op runs 'xla' for them.
+_DISPATCH = _dispatch.Dispatch(
+  op="softplus_attention",
+  package="attnlab.ops.softplus",
+  implementations=("xla", "reference", "pallas_tpu", "pallas_gpu"),
+  preferred={"tpu": ("pallas_tpu",), "gpu": ("pallas_gpu",)},
+)
+# The flash kernels serve full sequences; the cached op runs 'xla' for them.
 _KERNELS = ("pallas_tpu", "pallas_gpu")
-_KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def _best(*arrays: jax.Array) -> str:
-  """The Pallas kernel on TPU and GPU for 16/32-bit inputs, else the xla path."""
-  backend = jax.default_backend()
-  if backend in ("tpu", "gpu") and all(a.dtype in _KERNEL_DTYPES for a in arrays):
-    return f"pallas_{backend}"
-  return "xla"
-
-
-def _run(q, k, v, power, query_positions, key_length, implementation, name):
+def _check(q, k, v, power, name) -> None:
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3]:
     raise ValueError(f"{name}: expected [B,T,H,D] arrays; got q{q.shape} k{k.shape} v{v.shape}")
   if q.shape[2] % k.shape[2] or q.shape[3] != k.shape[3]:
     raise ValueError(f"{name}: q{q.shape} and k{k.shape} need equal head_dim and GQA heads")
   if power is not None and power <= 0:
     raise ValueError(f"{name}: power must be positive or None (LSSA), got {power}")
-  available = tuple(_IMPLEMENTATIONS) + _KERNELS
-  impl = _dtypes.resolve_implementation(implementation, available, name)
-  if impl in _KERNELS:
-    impl = "xla"  # only reached from the cached op
+
+
+def _run(q, k, v, power, query_positions, key_length, implementation, name):
+  """The dense paths ('xla', 'reference') on GQA-expanded keys and values."""
+  _check(q, k, v, power, name)
+  impl = "reference" if _DISPATCH.choose(implementation) == "reference" else "xla"
   dtype = _dtypes.compute_dtype(q, k, v)
   group = q.shape[2] // k.shape[2]
   k, v = (jnp.repeat(jnp.asarray(a, dtype), group, axis=2) for a in (k, v))
-  o = _IMPLEMENTATIONS[impl].softplus_attention(
+  o = _DISPATCH.module(impl).softplus_attention(
     jnp.asarray(q, dtype), k, v, power=power, query_positions=query_positions,
     key_length=key_length,
   )  # fmt: skip
@@ -70,8 +64,8 @@ def softplus_attention(
     q: [batch, time, heads, head_dim]; k: [batch, time, kv_heads, head_dim];
     v: [batch, time, kv_heads, head_dim_v]; kv_heads divides heads.
     power: None for LSSA; p (e.g. 3 or 15) for LSSAR.
-    implementation: None (the Pallas kernel of a TPU or GPU backend, else
-      'xla'), 'xla' (dense scores), 'reference' (per row), 'pallas_tpu' or
+    implementation: None (the Pallas kernel when compiled for a TPU or GPU,
+      else 'xla'), 'xla' (dense scores), 'reference' (per row), 'pallas_tpu' or
       'pallas_gpu' (flash kernels; interpreted on other backends).
 
   Returns:
@@ -79,15 +73,10 @@ def softplus_attention(
   """
   if q.shape[1] != k.shape[1]:
     raise ValueError("softplus_attention: q and k lengths differ; use softplus_attention_cached")
-  if implementation is None:
-    implementation = _best(q, k, v)
+  implementation = _DISPATCH.choose(implementation, q, k, v)
   if implementation in _KERNELS:
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-      raise ValueError(f"softplus_attention: expected [B,T,H,D] arrays; got q{q.shape}")
-    if power is not None and power <= 0:
-      raise ValueError(f"softplus_attention: power must be positive or None (LSSA), got {power}")
-    module = importlib.import_module(f"attnlab.ops.softplus.{implementation}")
-    return module.softplus_attention(q, k, v, power=power)
+    _check(q, k, v, power, "softplus_attention")
+    return _DISPATCH.module(implementation).softplus_attention(q, k, v, power=power)
   t = q.shape[1]
   return _run(q, k, v, power, jnp.arange(t), t, implementation, "softplus_attention")
 

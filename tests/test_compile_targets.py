@@ -1,0 +1,131 @@
+"""The flash kernels built by the real accelerator compilers, on this CPU host.
+
+* TPU: every `pallas_tpu` kernel, forward and backward in one program, compiled
+  by libtpu's compiler (compile-only devices from `jax.experimental.topologies`)
+  for v5e, v5p and v6e; the cases rotate dtype and head dim (64, 128 and 68,
+  lucid_1b's) over the generations so that every kernel meets each of them.
+  Skips with the reason where libtpu is missing.
+* GPU: every `pallas_gpu` kernel, forward and backward, lowered for CUDA
+  (Triton IR; PTX compilation needs a GPU).
+* Dispatch: `implementation=None` follows the compile target, not the host.
+* x64: the kernels run with jax_enable_x64 on.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnlab import hardware, ops
+from attnlab.ops import _dispatch
+from tests.conftest import compile_for_tpu, lower_for_cuda, tpu_mesh, value_and_grads
+
+T = 1000  # not a multiple of any block: padding and masking are compiled too
+
+
+def _args(t, heads, kv_heads, d, dtype, batch=1):
+  q = jax.ShapeDtypeStruct((batch, t, heads, d), dtype)
+  k = jax.ShapeDtypeStruct((batch, t, kv_heads, d), dtype)
+  ls = jax.ShapeDtypeStruct((batch, t, heads), jnp.float32)
+  return q, k, k, ls
+
+
+def _op(kind, implementation):
+  """(f(q, k, v, ls), argnums) of the public op for a kernel kind."""
+  if kind == "softmax":  # GQA and SSA's per-query logit_scale (None: without)
+    f = lambda q, k, v, ls: ops.softmax_attention(
+      q, k, v, logit_scale=ls, implementation=implementation
+    )
+    return f, (0, 1, 2, 3)
+  power = {"lssa": None, "lssar": 15.0}[kind]
+  f = lambda q, k, v, ls: ops.softplus_attention(
+    q, k, v, power=power, implementation=implementation
+  )
+  return f, (0, 1, 2)
+
+
+# (topology, kind, dtype, head_dim): each kernel meets every dtype and head dim.
+TPU_CASES = [
+  ("v5e:2x2", "softmax", jnp.bfloat16, 128),
+  ("v5e:2x2", "lssa", jnp.float32, 68),
+  ("v5e:2x2", "lssar", jnp.bfloat16, 64),
+  ("v5p:2x2x1", "softmax", jnp.float32, 68),
+  ("v5p:2x2x1", "lssa", jnp.bfloat16, 64),
+  ("v5p:2x2x1", "lssar", jnp.bfloat16, 128),
+  ("v6e:2x2", "softmax", jnp.bfloat16, 64),
+  ("v6e:2x2", "lssa", jnp.bfloat16, 128),
+  ("v6e:2x2", "lssar", jnp.float32, 68),
+]
+
+
+@pytest.mark.parametrize("topology,kind,dtype,d", TPU_CASES)
+def test_tpu_kernel_compiles(topology, kind, dtype, d):
+  # implementation=None: the op must pick the TPU kernel because the program is
+  # compiled for a TPU, although this process's backend is the CPU.
+  f, argnums = _op(kind, None)
+  compiled, hlo = compile_for_tpu(value_and_grads(f, argnums), _args(T, 8, 2, d, dtype), topology)
+  assert "tpu_custom_call" in hlo, "the XLA path was compiled instead of the Mosaic kernel"
+  memory = compiled.memory_analysis()
+  chip = hardware.chip(tpu_mesh(topology).devices.flat[0].device_kind)
+  used = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+  assert 0 < used < chip.hbm_bytes
+
+
+@pytest.mark.parametrize("kind", ["softmax", "lssa", "lssar"])
+def test_gpu_kernel_lowers_for_cuda(kind):
+  f, argnums = _op(kind, None)
+
+  def kernel(q, k, v, ls):  # interpret=False: the real Triton lowering
+    if kind == "softmax":
+      from attnlab.ops.softmax import pallas_gpu
+
+      return pallas_gpu.softmax_attention(q, k, v, logit_scale=ls, interpret=False)
+    from attnlab.ops.softplus import pallas_gpu
+
+    return pallas_gpu.softplus_attention(
+      q, k, v, power=None if kind == "lssa" else 15.0, interpret=False
+    )
+
+  text = lower_for_cuda(value_and_grads(kernel, argnums), _args(300, 4, 2, 68, jnp.bfloat16))
+  assert "triton" in text.lower(), "no Triton kernel in the CUDA lowering"
+
+
+def test_dispatch_follows_the_compile_target():
+  q, k, v, ls = _args(256, 4, 2, 64, jnp.bfloat16)
+  picked = {}
+
+  def spy(x):
+    picked["target"] = _dispatch.target_platform(x)
+    picked["softmax"] = ops.softmax_attention.__globals__["_DISPATCH"].best(x, x, x)
+    return x
+
+  jax.jit(spy).lower(q)  # no mesh: the host's backend
+  assert picked == {"target": "cpu", "softmax": "xla"}
+  mesh = tpu_mesh("v5e:2x2")
+  with jax.set_mesh(mesh):  # a TPU mesh in context
+    jax.jit(spy).lower(q)
+  assert picked == {"target": "tpu", "softmax": "pallas_tpu"}
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  jax.jit(spy).lower(jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=sharding))  # in_shardings
+  assert picked["target"] == "tpu"
+  assert _dispatch.interpret_default("tpu", jnp.zeros(3)) is not False  # host arrays: interpret
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("kind", ["softmax", "lssar"])
+def test_kernels_run_under_x64(x64, impl, kind):
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 40, 2, 32)), jnp.float32) for _ in range(3))
+  f, _ = _op(kind, impl)
+  g = lambda *a: f(*a, None).sum()
+  out, grads = jax.value_and_grad(g, (0, 1, 2))(q, k, v)
+  want, want_grads = jax.value_and_grad(lambda *a: _op(kind, "xla")[0](*a, None).sum(), (0, 1, 2))(
+    q, k, v
+  )
+  np.testing.assert_allclose(out, want, rtol=1e-4)
+  for got, ref in zip(grads, want_grads):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(ref))))
+  # float64 inputs never reach a kernel: None picks the xla path.
+  q64 = q.astype(jnp.float64)
+  assert ops.softmax_attention.__globals__["_DISPATCH"].best(q64, q64, q64) == "xla"
