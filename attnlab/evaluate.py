@@ -2,6 +2,12 @@
 extrapolation), through the parallel form.
 
     python -m attnlab.evaluate --workdir=runs/shakespeare --seq_lens=256,1024,4096
+    python -m attnlab.evaluate --workdir=runs/lssa --config.model.mixer.softplus.power=15
+
+`--config.x.y=value` overrides apply to the run's saved config before the
+model is built (e.g. LSSAR's re-weighting on an LSSA-trained model, which the
+paper applies without retraining). With overrides the outputs are named
+eval_lengths_<override>... so they do not replace the plain evaluation.
 
 Every length sees about `--tokens` held-out tokens. Writes
 <workdir>/eval_lengths.json (loss, accuracy and loss by position bucket per
@@ -26,6 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=Tr
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["256", "1024", "4096"], "Lengths to evaluate.")
 _TOKENS = flags.DEFINE_integer("tokens", 65_536, "Held-out tokens per length.")
 _BUCKET = flags.DEFINE_integer("bucket", 128, "Position bucket of the loss curve.")
+_CONFIG = generate.define_config_overrides()
 
 
 def evaluate_length(model: nnx.Module, config, *, seq_len: int, tokens: int, bucket: int) -> dict:
@@ -86,7 +93,8 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 def main(argv):
   del argv
-  model, config, step = generate.load_model(_WORKDIR.value)
+  overrides = generate.override_values(_CONFIG)
+  model, config, step = generate.load_model(_WORKDIR.value, overrides=overrides)
   results = []
   for seq_len in (int(s) for s in _SEQ_LENS.value):
     r = evaluate_length(model, config, seq_len=seq_len, tokens=_TOKENS.value, bucket=_BUCKET.value)
@@ -99,10 +107,13 @@ def main(argv):
       r["tokens"],
     )
     results.append(r)
-  out = os.path.join(_WORKDIR.value, "eval_lengths")
+  suffix = "".join(f"_{key.split('.')[-1]}={value}" for key, value in sorted(overrides.items()))
+  out = os.path.join(_WORKDIR.value, "eval_lengths" + suffix)
+  summary = {"step": step, "attention": config.model.attention, "overrides": overrides}
   with open(out + ".json", "w") as f:
-    json.dump({"step": step, "attention": config.model.attention, "results": results}, f, indent=1)
-  plot(results, out + ".png", f"{config.model.attention}, trained at T={config.data.seq_len}")
+    json.dump({**summary, "results": results}, f, indent=1)
+  title = f"{config.model.attention}{suffix}, trained at T={config.data.seq_len}"
+  plot(results, out + ".png", title)
   logging.info("wrote %s.json and %s.png", out, out)
 
 

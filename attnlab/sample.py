@@ -2,6 +2,10 @@
 
 python -m attnlab.sample --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200
 python -m attnlab.sample --workdir=runs/tiny --prompt_ids=5,40,7,33,5 --max_new_tokens=1
+python -m attnlab.sample --workdir=runs/lssa --prompt="ROMEO:" --config.model.mixer.softplus.power=15
+
+`--config.x.y=value` overrides apply to the run's saved config before the
+model is built.
 """
 
 import sys
@@ -20,12 +24,14 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely tokens.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_CONFIG = generate.define_config_overrides()
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  model, config, step = generate.load_model(_WORKDIR.value)
+  overrides = generate.override_values(_CONFIG)
+  model, config, step = generate.load_model(_WORKDIR.value, overrides=overrides)
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   if _PROMPT_IDS.value:
     prompt = np.array([[int(i) for i in _PROMPT_IDS.value]], np.int32)

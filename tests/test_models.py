@@ -63,9 +63,12 @@ CASES = {
   ),
   "lucid_gqa": (dict(attention="lucid", num_kv_heads=2), {"lucid": dict(block_size=4)}),
   "lucid_rope": (dict(attention="lucid", rope=True), {}),
-  "softplus_lssar_p15": (dict(attention="softplus", num_kv_heads=2), {}),
+  "softplus_lssar_p15": (
+    dict(attention="softplus", num_kv_heads=2),
+    {"softplus": dict(power=15.0)},
+  ),
   "softplus_lssar_p3": (dict(attention="softplus"), {"softplus": dict(power=3.0)}),
-  "softplus_lssa": (dict(attention="softplus", rope=False), {"softplus": dict(power=0.0)}),
+  "softplus_lssa": (dict(attention="softplus", rope=False), {}),  # the default power, 0
   "soft": (dict(attention="soft"), {"soft": dict(num_landmarks=5, chunk_size=4)}),
   "soft_unnormalized_no_conv": (
     dict(attention="soft"),

@@ -249,3 +249,37 @@ def test_ssa_with_its_temperature_lr_group_trains_and_resumes(tmp_path):
   trainer.train_and_evaluate(config, workdir)
   steps = [r["step"] for r in _rows(workdir)]
   assert steps[-2:] == [9, 10] and np.isfinite(_rows(workdir)[-1]["train/loss"])
+
+
+def test_evaluate_applies_config_overrides_to_the_saved_run(tmp_path):
+  """LSSA trains by default; LSSAR's power is an evaluation-time override
+  (`python -m attnlab.evaluate --config.model.mixer.softplus.power=15`)."""
+  workdir = str(tmp_path / "lssa")
+  config = _tiny(**{"model.attention": "softplus", "total_steps": 2, "eval_every": 0})
+  trainer.train_and_evaluate(config, workdir)
+  model, loaded, _ = generate.load_model(workdir)
+  assert loaded.model.mixer.softplus.power == 0.0 and model.blocks[0].mixer.power is None
+  overrides = {"model.mixer.softplus.power": 15.0}
+  lssar, loaded, _ = generate.load_model(workdir, overrides=overrides)
+  assert loaded.model.mixer.softplus.power == 15.0 and lssar.blocks[0].mixer.power == 15.0
+
+  cmd = [sys.executable, "-m", "attnlab.evaluate", f"--workdir={workdir}", "--tokens=256"]
+  cmd += ["--seq_lens=32", "--bucket=16"]
+  for extra in ([], ["--config.model.mixer.softplus.power=15"]):
+    run = subprocess.run(cmd + extra, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+  with open(os.path.join(workdir, "eval_lengths.json")) as f:
+    plain = json.load(f)
+  with open(os.path.join(workdir, "eval_lengths_power=15.0.json")) as f:
+    reweighted = json.load(f)
+  assert plain["overrides"] == {} and reweighted["overrides"] == overrides
+  lssa_loss = evaluate.evaluate_length(model, loaded, seq_len=32, tokens=256, bucket=16)["loss"]
+  lssar_loss = evaluate.evaluate_length(lssar, loaded, seq_len=32, tokens=256, bucket=16)["loss"]
+  np.testing.assert_allclose(plain["results"][0]["loss"], lssa_loss, rtol=1e-5)
+  np.testing.assert_allclose(reweighted["results"][0]["loss"], lssar_loss, rtol=1e-5)
+  assert abs(lssa_loss - lssar_loss) > 1e-4  # the power really changed the model
+
+  typo = subprocess.run(
+    cmd + ["--config.model.mixer.softplus.powr=15"], cwd=REPO, capture_output=True, text=True
+  )
+  assert typo.returncode != 0 and "powr" in typo.stderr

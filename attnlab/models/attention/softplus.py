@@ -3,7 +3,12 @@
 The softmax map is replaced by softplus of log-scaled cosine scores with row
 L1 normalisation (LSSA); `power=p` adds the ReLU(A·i − O)^p sharpening
 (LSSAR; p = 15 is the paper's choice for length extrapolation, p = 3 for
-in-length quality; 0 means plain LSSA). No new parameters; the projections,
+in-length quality; 0 means plain LSSA). The default trains LSSA: the paper
+calls the re-weighting fine-tuning-free and applies it to an LSSA-trained
+model without retraining, so p is an evaluation-time option
+(`python -m attnlab.evaluate --config.model.mixer.softplus.power=15`); trained
+from scratch with p = 15 the model does not learn recall here (MQAR 0.216 at
+600 steps, benchmarks/results). No new parameters; the projections,
 RoPE (on by default, as in the paper's GPT-2 + RoPE backbone) and the KV
 cache are the softmax mixer's. The row index i is the absolute position, so
 decoding reproduces the parallel form.
@@ -15,7 +20,7 @@ from attnlab import ops
 from attnlab.models.attention import registry, softmax
 
 
-@registry.register("softplus", options=dict(power=15.0, implementation=None), uses_rope=True)
+@registry.register("softplus", options=dict(power=0.0, implementation=None), uses_rope=True)
 class SoftplusAttention(softmax.SoftmaxAttention):
   """LSSA / LSSAR: [B, T, d_model] -> [B, T, d_model]; KV cache."""
 
