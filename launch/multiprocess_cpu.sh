@@ -8,7 +8,7 @@ port=${PORT:-12355}
 export XLA_FLAGS=--xla_force_host_platform_device_count=4
 pids=()
 for i in 0 1; do
-  python -m attnlab.train --coordinator_address=127.0.0.1:$port --num_processes=2 \
+  python -m attnlab.train --coordinator_address="127.0.0.1:$port" --num_processes=2 \
       --process_id=$i "$@" --config.mesh.data=-1 &
   pids+=($!)
 done
