@@ -16,10 +16,25 @@ _VALUES = _dispatch.Dispatch(
   op="lucid_values",
   package="attnlab.ops.lucid",
   implementations=("xla", "reference", *_KERNELS),
-  # Explicit only: the kernels' one-program-per-head solve beats the xla path
-  # only where batch × kv_heads fills the chip (see benchmarks/lucid_nats_l.py).
-  preferred={},
+  preferred={"tpu": ("pallas_tpu",), "gpu": ("pallas_gpu",)},
+  eligible=lambda impl, arrays: _kernel_fits(impl, *arrays[:2]),
 )
+
+
+def _kernel_fits(impl: str, k: jax.Array, v: jax.Array) -> bool:
+  """The kernels keep a head's whole sequence on chip (TPU) or need Triton's shapes (GPU)."""
+  if impl == "pallas_gpu":
+    d = k.shape[-1]
+    return d >= 16 and d & (d - 1) == 0
+  return pallas_tpu_vmem_bytes(k.shape[1], k.shape[-1], v.shape[-1]) <= VMEM_BUDGET
+
+
+VMEM_BUDGET = 90 * 2**20  # under v5p's 95 MiB of VMEM per core
+
+
+def pallas_tpu_vmem_bytes(t: int, d: int, dv: int) -> int:
+  """VMEM the TPU kernel's backward holds: k, V′, dV′, dk, dV in float32, double-buffered."""
+  return 2 * 4 * t * (2 * d + 3 * dv)
 
 
 def lucid_values(
@@ -44,7 +59,8 @@ def lucid_values(
       preconditioned values, [batch, cache_len, kv_heads, ...]; the first
       `context_length` rows are valid and precede the new tokens.
     block_size: rows per forward-substitution block; any T works.
-    implementation: None ('xla'), 'xla' (blocked solve, custom VJP),
+    implementation: None (the compile target's kernel where it fits, else
+      'xla'), 'xla' (blocked solve, custom VJP),
       'reference' (the token recurrence), or 'pallas_tpu' / 'pallas_gpu'
       (one program per (batch, kv head) solving the whole sequence in the
       kernel, custom VJP by the transposed solve; interpreted off their

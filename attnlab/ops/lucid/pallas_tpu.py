@@ -8,8 +8,9 @@ the exponential kernel are fused into the tiles, each diagonal block is
 inverted in the kernel, and nothing T×T is ever stored: HBM traffic is
 O(T·D) per head against the xla path's per-block [block, T] kernel rows.
 
-VMEM grows with T (about 6·T·D·4 bytes with double buffering), so the limit
-is raised to fit; past ~16K tokens at D=128 use the xla path. A context
+VMEM grows with T (float32, double-buffered: 8·T·(2D + 3Dv) bytes in the
+backward), so the limit is raised to fit; `implementation=None` takes the
+xla path past 90 MiB (about 18K tokens at D = Dv = 128). A context
 (cached earlier tokens, decoding) is folded into the right-hand side in XLA
 first, as the xla path does. Off TPU the kernels run in TPU interpret mode.
 """
@@ -67,8 +68,8 @@ def _bwd_kernel(k_ref, vp_ref, g_ref, dk_ref, dv_ref, *, cfg: _Config):
 def _call(kernel, cfg: _Config, inputs, out_widths, name: str):
   b, h, tp = inputs[0].shape[:3]
   spec = lambda w: pl.BlockSpec((None, None, tp, w), lambda b, h: (b, h, 0, 0))
-  resident = sum(x.shape[-1] for x in inputs) + sum(out_widths)
-  vmem = min(100 * 2**20, max(32 * 2**20, 3 * resident * tp * 4))
+  resident = 2 * 4 * tp * (sum(x.shape[-1] for x in inputs) + sum(out_widths))
+  vmem = min(96 * 2**20, max(32 * 2**20, resident + 8 * 2**20))
   return pl.pallas_call(
     functools.partial(kernel, cfg=cfg),
     grid=(b, h),

@@ -1,0 +1,196 @@
+"""Kernels for LUCID's solve (`lucid_values`) and NAtS-L's block-sparse softmax.
+
+Each kernel runs in interpret mode on the CPU and is checked against the xla
+path (float32) and the float64 oracle (`reference.py`), on the output and
+the gradient with respect to every input (for NAtS-L, the gates too). Then
+the kernels are compiled by the real TPU compiler for a v5e chip and lowered
+for CUDA (Triton), forward and backward, in bf16.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnlab import ops
+from attnlab.ops.lucid import reference as lucid_reference
+from attnlab.ops.nats_l import _sparse
+from attnlab.ops.nats_l import reference as nats_reference
+from attnlab.ops.nats_l import xla as nats_xla
+from tests.conftest import compile_for_tpu, lower_for_cuda
+
+# Relative to the largest reference entry. The kernels are float32 like the
+# xla path and differ from it by summation order; the float64 oracle bounds
+# both paths' float32 rounding.
+TOL_XLA, TOL_ORACLE = 2e-5, 1e-4
+GRAD_TOL_XLA, GRAD_TOL_ORACLE = 1e-4, 3e-4
+
+
+@contextlib.contextmanager
+def _float64():
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", previous)
+
+
+def _close(got, want, tol, what):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert np.all(np.isfinite(got)), what
+  scale = max(float(np.max(np.abs(want))), 1e-30)
+  err = float(np.max(np.abs(got - want))) / scale
+  assert err <= tol, f"{what}: max error {err:.2e} of max |ref| {scale:.2e} > {tol:.0e}"
+
+
+def _value_and_vjp(fn, args, cot):
+  out, vjp = jax.vjp(fn, *args)
+  return out, vjp(cot)
+
+
+def _compare(kernel, xla, oracle, args, cot, names):
+  """Kernel vs xla (float32, one jit each) and vs the oracle (float64)."""
+  got = jax.jit(lambda *a: _value_and_vjp(kernel, a, cot))(*args)
+  want = jax.jit(lambda *a: _value_and_vjp(xla, a, cot))(*args)
+  with _float64():
+    wide = [jnp.asarray(np.asarray(a), jnp.float64) for a in args]
+    exact = _value_and_vjp(oracle, wide, jnp.asarray(np.asarray(cot), jnp.float64))
+  for label, ref, tol, grad_tol in (
+    ("xla", want, TOL_XLA, GRAD_TOL_XLA),
+    ("oracle", exact, TOL_ORACLE, GRAD_TOL_ORACLE),
+  ):
+    _close(got[0], ref[0], tol, f"output vs {label}")
+    for name, g, r in zip(names, got[1], ref[1]):
+      _close(g, r, grad_tol, f"d{name} vs {label}")
+
+
+def _nats_inputs(seed, b, t, h, d, block):
+  rng = np.random.default_rng(seed)
+  n = -(-t // block)
+  q, k, v, cot = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(4))
+  # Hidden (0), visible (1) and fractional gates, as a soft relaxation would give.
+  gates = rng.choice([0.0, 1.0, 0.7], size=(b, n, h), p=[0.4, 0.4, 0.2])
+  gates[0, 0, 0], gates[0, 1, 0] = 0.0, 1.0
+  return (q, k, v, jnp.asarray(gates, jnp.float32)), cot
+
+
+@pytest.mark.parametrize(
+  "impl, block, t", [("pallas_tpu", 8, 36), ("pallas_gpu", 16, 56)], ids=["mosaic", "triton"]
+)
+def test_block_sparse_softmax_kernel_matches_xla_and_oracle(impl, block, t):
+  args, cot = _nats_inputs(0, 2, t, 2, 16, block)  # ragged T: a partial last block
+  scale = 0.3
+
+  def path(name, module=None):
+    def run(q, k, v, g):
+      if module is not None:
+        return module.block_sparse_softmax(q, k, v, g, block_size=block, scale=scale)
+      return ops.block_sparse_softmax(
+        q, k, v, g, block_size=block, scale=scale, implementation=name
+      )
+
+    return run
+
+  _compare(path(impl), path("xla"), path(None, nats_reference), args, cot, ("q", "k", "v", "gate"))
+
+
+def test_block_lists_visit_exactly_the_tiles_with_visible_keys():
+  rng = np.random.default_rng(1)
+  b, n, h, block = 2, 7, 3, 4
+  gates = jnp.asarray(rng.choice([0.0, 1.0, 0.5], size=(b, n, h)), jnp.float32)
+  weights = nats_xla.block_key_weights(gates, n * block, block)  # [B, H, Tq, Tk]
+  dense = np.asarray(weights).reshape(b, h, n, block, n, block).max(axis=(3, 5)) > 0
+  order, before, visible = (np.asarray(x) for x in _sparse.block_lists(jnp.moveaxis(gates, 2, 1)))
+  rows, cols = np.zeros_like(dense), np.zeros_like(dense)
+  for bi in range(b):
+    for hi in range(h):
+      for i in range(n):  # forward / dq: query block i's list
+        rows[bi, hi, i, list(order[bi, hi, : before[bi, hi, i]]) + [i]] = True
+      for j in range(n):  # dk/dv: key block j meets j, then every later block if visible
+        cols[bi, hi, range(j, n if visible[bi, hi, j] else j + 1), j] = True
+  np.testing.assert_array_equal(rows, dense)
+  np.testing.assert_array_equal(cols, dense)
+  # The work follows the attention-block fraction: diagonal only at 0, causal at 1.
+  assert _sparse.visited_tiles(jnp.zeros((b, n, h)))["forward"] == b * h * n
+  full = _sparse.visited_tiles(jnp.ones((b, n, h)))
+  assert full["forward"] == full["dkv"] == full["dense_causal"] == b * h * n * (n + 1) // 2
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"], ids=["mosaic", "triton"])
+def test_lucid_values_kernel_matches_xla_and_oracle(impl):
+  rng = np.random.default_rng(2)
+  b, t, h, d = 1, 40, 2, 16  # block 16: two full blocks and a padded one
+  k, v, cot = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
+
+  def path(name, module=None):
+    def run(k, v):
+      if module is not None:
+        return module.preconditioned_values(
+          k, v, eps=1e-5, block_size=16, context_keys=None, context_values=None,
+          context_length=0,
+        )  # fmt: skip
+      return ops.lucid_values(k, v, block_size=16, implementation=name)
+
+    return run
+
+  _compare(path(impl), path("xla"), path(None, lucid_reference), (k, v), cot, ("k", "v"))
+
+
+def test_lucid_values_kernel_with_a_decoding_context():
+  rng = np.random.default_rng(3)
+  b, c, t, h, d = 1, 9, 5, 2, 16
+  normal = lambda n: jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32)
+  keys, values = normal(c + t), normal(c + t)
+  whole = ops.lucid_values(keys, values, block_size=8, implementation="xla")
+  # A cache of 12 rows of which the first 9 are valid; the rest must be ignored.
+  cache_k = jnp.concatenate([keys[:, :c], normal(3)], 1)
+  cache_v = jnp.concatenate([whole[:, :c], normal(3)], 1)
+  got = ops.lucid_values(
+    keys[:, c:], values[:, c:], context_keys=cache_k, context_values=cache_v, context_length=c,
+    block_size=8, implementation="pallas_gpu",
+  )  # fmt: skip
+  _close(got, whole[:, c:], TOL_ORACLE, "V' of new rows after a cache")
+
+
+def _bf16(*shapes):
+  return [jax.ShapeDtypeStruct(s, jnp.float32 if len(s) == 3 else jnp.bfloat16) for s in shapes]
+
+
+def _kernels(cuda: bool):
+  """(name, fn, args, number of kernels in fwd+bwd) for the compile checks."""
+  options = {"interpret": False} if cuda else {}
+  impl = "pallas_gpu" if cuda else None  # None: the target's kernel, through dispatch
+  b, t, h, d, block = 1, 1000, 4, 64, 64
+  x = (b, t, h, d)
+
+  def nats(q, k, v, g):
+    return ops.block_sparse_softmax(q, k, v, g, block_size=block, implementation=impl, **options)
+
+  def lucid(k, v):
+    return ops.lucid_values(k, v, block_size=128, implementation=impl, **options)
+
+  return [
+    ("nats_l", nats, _bf16(x, x, x, (b, -(-t // block), h)), 3),
+    ("lucid", lucid, _bf16(x, x), 2),
+  ]
+
+
+def _fwd_bwd(fn, n):
+  return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2), argnums=tuple(range(n)))
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["nats_l", "lucid"])
+def test_kernels_compile_for_tpu_v5e(which):
+  name, fn, args, kernels = _kernels(cuda=False)[which]
+  compiled, _ = compile_for_tpu(_fwd_bwd(fn, len(args)), args, "v5e:2x2")
+  assert compiled.as_text().count("tpu_custom_call") >= kernels, name
+  assert compiled.memory_analysis() is not None
+
+
+def test_kernels_lower_for_cuda():
+  for name, fn, args, kernels in _kernels(cuda=True):
+    text = lower_for_cuda(_fwd_bwd(fn, len(args)), args)
+    assert text.count("__gpu$xla.gpu.triton") == kernels, name
