@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from attnlab import config as config_lib
 from attnlab.data import make_dataset, synthetic, text, text_corpus, tokenizers
@@ -47,6 +48,28 @@ def test_needle_answer_follows_marker_and_key():
     marks = np.nonzero(inputs[:37] == synthetic.NEEDLE_MARKER)[0]
     needle_at = [m for m in marks if inputs[m + 1] == key][0]
     assert targets[39] == inputs[needle_at + 2]
+
+
+def test_multi_needle_queries_answer_with_their_own_needles_value():
+  kw = dict(seed=5, seq_len=48, vocab_size=64, num_kv_pairs=6, num_queries=2)
+  batch = synthetic.multi_needle(np.arange(64), **kw)
+  again = synthetic.multi_needle(np.arange(64), **kw)
+  np.testing.assert_array_equal(batch["inputs"], again["inputs"])
+  starts = []
+  for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"]):
+    np.testing.assert_array_equal(inputs[1:], targets[:-1])
+    assert np.nonzero(weights)[0].tolist() == [44, 47]  # the two query keys at the end
+    marks = np.nonzero(inputs[:43] == synthetic.NEEDLE_MARKER)[0]
+    assert len(marks) == 6 and np.diff(marks).min() >= 3  # six whole needles, no overlap
+    needles = {inputs[m + 1]: inputs[m + 2] for m in marks}
+    assert len(needles) == 6 and max(needles) < 32 and min(needles.values()) >= 32
+    assert inputs[43] == inputs[46] == synthetic.NEEDLE_MARKER and inputs[44] != inputs[47]
+    for p in (44, 47):
+      assert targets[p] == needles[inputs[p]]
+    starts.extend(marks.tolist())
+  assert min(starts) == 0 and max(starts) >= 35  # needles reach both ends of the haystack
+  with pytest.raises(ValueError, match="cannot fit"):
+    synthetic.multi_needle(np.arange(2), seed=0, seq_len=17, vocab_size=64, num_kv_pairs=6)
 
 
 def test_mqar_rejects_impossible_sizes():
@@ -142,3 +165,88 @@ def test_shakespeare_corpus_builds(tmp_path):
   batch = next(iter(make_dataset(data, seed=0, train=True)))
   assert batch["weights"].mean() == 1.0
   assert len(text_corpus.split_works(sorted(SHAKESPEARE.glob("*.txt")))["validation"]) >= 4
+
+
+def _docs(lengths, seed=0):
+  """In-memory {tokens} documents, each ending in EOS = 1 (ids 2..49 otherwise)."""
+  import grain
+
+  rng = np.random.default_rng(seed)
+  docs = [np.append(rng.integers(2, 50, n - 1), 1).astype(np.int32) for n in lengths]
+  return docs, grain.MapDataset.source(docs).map(lambda x: {"tokens": x}).to_iter_dataset()
+
+
+def test_packing_yields_segment_ids_and_masks_targets_across_documents():
+  docs, ds = _docs([5, 9, 3, 20, 7, 6])
+  examples = list(text.pack_documents(ds, 12, segments=True))
+  flat = np.concatenate(docs)
+  doc_of = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
+  for i, ex in enumerate(examples[:3]):  # full windows of 13 tokens, stride 13
+    window = slice(13 * i, 13 * i + 13)
+    np.testing.assert_array_equal(ex["inputs"], flat[window][:-1])
+    np.testing.assert_array_equal(ex["targets"], flat[window][1:])
+    docs_in = doc_of[window]
+    # One id per document, changing exactly where the input's document changes.
+    changes = ex["segment_ids"][1:] != ex["segment_ids"][:-1]
+    np.testing.assert_array_equal(changes, docs_in[:-1][1:] != docs_in[:-1][:-1])
+    assert ex["segment_ids"].dtype == np.int32 and ex["segment_ids"].min() > 0
+    # A target is weighted iff it is in its input's document.
+    np.testing.assert_array_equal(ex["weights"], (docs_in[1:] == docs_in[:-1]).astype(np.float32))
+  assert examples[0]["weights"].sum() == 11  # window 0: document 0 (5 tokens), then document 1
+  plain = next(iter(text.pack_documents(_docs([5, 9, 3, 20, 7, 6])[1], 12, segments=False)))
+  assert "segment_ids" not in plain and plain["weights"].sum() == 12
+
+
+def _packed_model(attention, **mixer):
+  from attnlab.models import build_model
+
+  c = config_lib.base_config().model
+  c.update(dict(d_model=32, num_heads=2, mlp_dim=64, vocab_size=50, num_layers=2))
+  c.update(dict(attention=attention, canon_conv=3))
+  c.mixer[attention].update(mixer)
+  return build_model(c, nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+  "attention,mixer",
+  [("gated_deltanet", dict(chunk_size=4, num_v_heads=4)), ("linear", dict(chunk_size=4))],
+)
+def test_packed_row_equals_documents_run_separately(attention, mixer):
+  """Through the whole trunk (canon conv, short convs, mixer): logits and parameter
+  gradients of a packed row equal those of its documents run one by one."""
+  import jax
+  import jax.numpy as jnp
+
+  model = _packed_model(attention, **mixer)
+  lengths = (6, 3, 9)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (1, sum(lengths))), jnp.int32)
+  seg = jnp.asarray(np.repeat(np.arange(1, 4), lengths)[None], jnp.int32)
+  cot = jnp.asarray(np.random.default_rng(2).normal(size=(1, sum(lengths), 50)), jnp.float32)
+  bounds = np.cumsum((0,) + lengths)
+  graphdef, params = nnx.split(model)
+
+  def packed(params):
+    logits = nnx.merge(graphdef, params)(tokens, seg)
+    return jnp.sum(logits * cot), logits
+
+  def separate(params):
+    m = nnx.merge(graphdef, params)
+    logits = jnp.concatenate([m(tokens[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+    return jnp.sum(logits * cot), logits
+
+  (_, lp), gp = jax.value_and_grad(packed, has_aux=True)(params)
+  (_, ls), gs = jax.value_and_grad(separate, has_aux=True)(params)
+  np.testing.assert_allclose(lp, ls, atol=2e-5, rtol=2e-5)
+  unpacked = nnx.merge(graphdef, params)(tokens)  # without segment ids documents do mix
+  assert float(jnp.max(jnp.abs(unpacked - ls))) > 1e-3
+  for (path, a), (_, b) in zip(jax.tree.leaves_with_path(gp), jax.tree.leaves_with_path(gs)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_packing_with_an_unsupported_mixer_is_a_clear_error():
+  import jax.numpy as jnp
+
+  model = _packed_model("softmax")
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="does not support packed sequences"):
+    model(tokens, jnp.ones((1, 8), jnp.int32))

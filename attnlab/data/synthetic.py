@@ -105,4 +105,58 @@ def needle(
   return _batch(sequences, answer_mask)
 
 
-TASKS = {"mqar": mqar, "needle": needle}
+def multi_needle(
+  indices: np.ndarray,
+  *,
+  seed: int,
+  seq_len: int,
+  vocab_size: int,
+  num_kv_pairs: int,
+  num_queries: int | None = 1,
+  **unused,
+) -> dict[str, np.ndarray]:
+  """A batch of multi-key needle retrieval (RULER's MK-NIAH, and MQ-NIAH when
+  `num_queries` > 1).
+
+  A haystack of random tokens holds `num_kv_pairs` needles `MARK key value`
+  (distinct keys, lower half of the vocabulary; values from the upper half) at
+  uniformly random, non-overlapping places. The sequence ends with
+  `num_queries` queries `MARK key value` for distinct needles in random order;
+  the model must predict each value after its key, the other needles being
+  distractors. MARK appears nowhere else, so every query has one answer.
+  """
+  del unused
+  indices = np.asarray(indices)
+  rng = np.random.default_rng([seed, int(indices[0]), len(indices), 7])
+  batch = len(indices)
+  num_queries = 1 if num_queries is None else num_queries
+  half = vocab_size // 2
+  haystack = seq_len + 1 - 3 * num_queries  # tokens before the queries
+  if not 1 <= num_queries <= num_kv_pairs <= half - 2 or 3 * num_kv_pairs > haystack:
+    raise ValueError(
+      f"multi_needle cannot fit {num_kv_pairs} needles / {num_queries} queries into "
+      f"seq_len={seq_len}, vocab_size={vocab_size}"
+    )
+  rows = np.arange(batch)[:, None]
+  sequences = rng.integers(2, vocab_size, size=(batch, seq_len + 1))
+  keys = 2 + _top_k_without_replacement(rng, np.zeros(half - 2), batch, num_kv_pairs)
+  values = rng.integers(half, vocab_size, size=(batch, num_kv_pairs))
+  # Uniform non-overlapping placement: n sorted starts among haystack - 2n places,
+  # the i-th shifted right by 2i to make room for the two tokens before it.
+  free = haystack - 2 * num_kv_pairs
+  starts = np.sort(_top_k_without_replacement(rng, np.zeros(free), batch, num_kv_pairs), axis=1)
+  starts = starts + 2 * np.arange(num_kv_pairs)
+  queried = _top_k_without_replacement(rng, np.zeros(num_kv_pairs), batch, num_queries)
+  query_starts = haystack + 3 * np.arange(num_queries)
+  marker = np.full((batch, 1), NEEDLE_MARKER)
+  for offset, (needle_tokens, query_tokens) in enumerate(
+    ((marker, marker), (keys, keys[rows, queried]), (values, values[rows, queried]))
+  ):
+    sequences[rows, starts + offset] = needle_tokens
+    sequences[rows, query_starts + offset] = query_tokens
+  answer_mask = np.zeros((batch, seq_len), bool)
+  answer_mask[:, query_starts + 1] = True  # the input is the key, the target its value
+  return _batch(sequences, answer_mask)
+
+
+TASKS = {"mqar": mqar, "needle": needle, "multi_needle": multi_needle}
