@@ -1,17 +1,47 @@
-"""Softplus attention (LSSA / LSSAR) with dense [Tq, Tk] scores in plain XLA."""
+"""Softplus attention (LSSA / LSSAR) with dense [Tq, Tk] scores in plain XLA.
+
+Cost choices, each measured (`python -m benchmarks.xla_paths`): the per-query
+factor log D · log i multiplies q̂ (O(T·D)) instead of the scores; per-row
+normalisers are reciprocals applied with one multiply; and the full causal op
+runs query chunks against their key prefixes (`attnlab.ops._causal_chunks`),
+exact because every row is normalised over its own visible keys.
+"""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 
+from attnlab.ops import _causal_chunks
+
 ROUNDING_SLACK = 16  # in units of the dtype's machine epsilon
 
 
-def _safe_divide(x: jax.Array, denominator: jax.Array) -> jax.Array:
-  """x / denominator, with 0 where the denominator is 0 (and finite gradients)."""
+def _safe_reciprocal(denominator: jax.Array) -> jax.Array:
+  """1 / denominator, with 0 where the denominator is 0 (and finite gradients)."""
   positive = denominator > 0
-  return jnp.where(positive, x / jnp.where(positive, denominator, 1.0), 0.0)
+  return jnp.where(positive, 1.0 / jnp.where(positive, denominator, 1.0), 0.0)
+
+
+def _weights(logits: jax.Array, visible: jax.Array, i: jax.Array, power) -> jax.Array:
+  """Attention weights from logits log D · log i · q̂·k̂ [..., Tq, Tk]; i [Tq, 1] 1-based."""
+  a = jnp.where(visible, jax.nn.softplus(logits), 0.0)
+  inverse_sum = _safe_reciprocal(a.sum(-1, keepdims=True))
+  if power is None:
+    return a * inverse_sum
+  # A slack of a few ulps makes rows that are uniform up to rounding vanish as
+  # they do in exact arithmetic, instead of the max rescale below inflating
+  # their rounding noise into a full row. The offset is > 0, so hidden keys
+  # (a = 0) stay 0 through the ReLU.
+  offset = jnp.where(i <= 3, 0.0, 1.0) + ROUNDING_SLACK * jnp.finfo(logits.dtype).eps
+  x = jax.nn.relu(a * (inverse_sum * i) - offset)
+  # The op is scale-invariant per row: dividing by the row max before the power
+  # keeps x^p representable (0.3^15 ≈ 1e-8 would drown in any eps).
+  x = x * _safe_reciprocal(jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+  b = x**power
+  return b * _safe_reciprocal(b.sum(-1, keepdims=True))
 
 
 def row_weights(scores: jax.Array, visible: jax.Array, rows: jax.Array, power, head_dim: int):
@@ -22,20 +52,7 @@ def row_weights(scores: jax.Array, visible: jax.Array, rows: jax.Array, power, h
     rows: [Tq] 1-based absolute query positions i (= visible keys in a causal row).
   """
   i = rows.astype(scores.dtype)[:, None]
-  a = jnp.where(visible, jax.nn.softplus(jnp.log(head_dim) * jnp.log(i) * scores), 0.0)
-  a = _safe_divide(a, a.sum(-1, keepdims=True))
-  if power is None:
-    return a
-  # A slack of a few ulps makes rows that are uniform up to rounding vanish as
-  # they do in exact arithmetic, instead of the max rescale below inflating
-  # their rounding noise into a full row.
-  offset = jnp.where(i <= 3, 0.0, 1.0) + ROUNDING_SLACK * jnp.finfo(scores.dtype).eps
-  x = jnp.where(visible, jax.nn.relu(a * i - offset), 0.0)
-  # The op is scale-invariant per row: dividing by the row max before the power
-  # keeps x^p representable (0.3^15 ≈ 1e-8 would drown in any eps).
-  x = _safe_divide(x, jax.lax.stop_gradient(x.max(-1, keepdims=True)))
-  b = x**power
-  return _safe_divide(b, b.sum(-1, keepdims=True))
+  return _weights(math.log(head_dim) * jnp.log(i) * scores, visible, i, power)
 
 
 def inverse_norm(x: jax.Array) -> jax.Array:
@@ -49,11 +66,33 @@ def _normalize(x):
   return x * inverse_norm(x)
 
 
+def _attend(qs, k_hat, v, visible, i, power):
+  """qs [B,H,Tq,D] (q̂ · log D · log i), k̂ [B,H,S,D], v [B,H,S,Dv] -> [B,H,Tq,Dv]."""
+  w = _weights(jnp.einsum("bhtd,bhsd->bhts", qs, k_hat), visible, i, power)
+  return jnp.einsum("bhts,bhse->bhte", w, v)
+
+
 def softplus_attention(q, k, v, *, power, query_positions, key_length):
-  """q [B,Tq,H,D]; k, v [B,Tk,H,*] (heads already repeated); queries at
-  absolute 0-based `query_positions` [Tq]; keys 0..key_length-1 are valid."""
-  scores = jnp.einsum("bqhd,bkhd->bhqk", _normalize(q), _normalize(k))
-  key_pos = jnp.arange(k.shape[1])
+  """q [B,Tq,H,D]; k, v [B,Tk,H,*] (heads already repeated) -> [B,Tq,H,Dv].
+
+  The queries sit at absolute 0-based positions `query_positions` [Tq] =
+  key_length − Tq + arange(Tq) (as both public ops pass them); keys
+  0..key_length−1 are valid. A static `key_length` equal to Tq = Tk is thus
+  the full causal op (queries at 0..T−1), which runs in query chunks.
+  """
+  tq, tk, d = q.shape[1], k.shape[1], q.shape[-1]
+  rows = (query_positions + 1).astype(q.dtype)[:, None]  # [Tq, 1]
+  qs = jnp.swapaxes(_normalize(q), 1, 2) * (math.log(d) * jnp.log(rows))
+  k_hat, vh = jnp.swapaxes(_normalize(k), 1, 2), jnp.swapaxes(v, 1, 2)
+  if isinstance(key_length, int) and key_length == tq == tk:
+    outs = []
+    for start, end in _causal_chunks.query_chunks(tq):
+      visible = (start + jnp.arange(end - start))[:, None] >= jnp.arange(end)[None, :]
+      outs.append(
+        _attend(qs[:, :, start:end], k_hat[:, :, :end], vh[:, :, :end], visible,
+                rows[start:end], power)
+      )  # fmt: skip
+    return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
+  key_pos = jnp.arange(tk)
   visible = (key_pos[None, :] <= query_positions[:, None]) & (key_pos[None, :] < key_length)
-  w = row_weights(scores, visible, query_positions + 1, power, q.shape[-1])
-  return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+  return jnp.swapaxes(_attend(qs, k_hat, vh, visible, rows, power), 1, 2)
