@@ -24,17 +24,21 @@ def _inputs(seed, b=2, t=37, h=2, dk=8, dv=6, hv=None, dtype=jnp.float32):
   return tuple(jnp.asarray(a, dtype) for a in (q, k, v, g, beta, state))
 
 
-def _numpy_gated_delta(q, k, v, g, beta, state, scale):
-  """An independent float64 loop over time, batch and heads."""
+def _numpy_gated_delta(q, k, v, g, beta, state, scale, segment_ids=None):
+  """An independent float64 loop over time, batch and heads (state zeroed where the
+  segment id changes)."""
   q, k, v, g, beta, s = (np.array(a, np.float64) for a in (q, k, v, g, beta, state))
   b, t, h, _ = q.shape
   hv = v.shape[2]
+  seg = np.zeros((b, t), int) if segment_ids is None else np.asarray(segment_ids)
   out = np.zeros((b, t, hv, v.shape[-1]))
   for bi in range(b):
     for hi in range(hv):
       qk_head = hi // (hv // h)
       st = s[bi, hi]
       for ti in range(t):
+        if ti and seg[bi, ti] != seg[bi, ti - 1]:
+          st = np.zeros_like(st)
         st = np.exp(g[bi, ti, hi]) * st
         kt = k[bi, ti, qk_head]
         u = beta[bi, ti, hi] * (v[bi, ti, hi] - st.T @ kt)
@@ -44,14 +48,26 @@ def _numpy_gated_delta(q, k, v, g, beta, state, scale):
   return out, s
 
 
-@pytest.mark.parametrize("hv", [None, 4])
-def test_gated_delta_matches_float64_loop(x64, hv):
+def _segments(b, t, seed):
+  """[b, t] int32 document ids: row 0 several documents (some shorter than a chunk,
+  one boundary exactly on a chunk edge), row 1 one document."""
+  seg = np.zeros((b, t), np.int32)
+  cuts = sorted({3, 8, 9, 17} | set(np.random.default_rng(seed).integers(1, t, 2).tolist()))
+  for c in cuts:
+    if c < t:
+      seg[0, c:] += 1
+  return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("hv,packed", [(None, False), (4, False), (4, True), (None, True)])
+def test_gated_delta_matches_float64_loop(x64, hv, packed):
   q, k, v, g, beta, state = _inputs(0, t=21, hv=hv, dtype=jnp.float64)
-  expected_o, expected_s = _numpy_gated_delta(q, k, v, g, beta, state, 8**-0.5)
+  seg = _segments(2, 21, 0) if packed else None
+  expected_o, expected_s = _numpy_gated_delta(q, k, v, g, beta, state, 8**-0.5, seg)
   for impl in ("xla", "reference"):
     o, s = ops.gated_delta_rule(
       q, k, v, g, beta, initial_state=state, output_final_state=True,
-      chunk_size=8, implementation=impl,
+      chunk_size=8, segment_ids=seg, implementation=impl,
     )  # fmt: skip
     assert o.dtype == jnp.float64
     np.testing.assert_allclose(o, expected_o, rtol=1e-11, atol=1e-11)
@@ -103,6 +119,162 @@ def test_gated_delta_low_precision_and_errors():
     ops.gated_delta_rule(q, k, v, g, beta, initial_state=jnp.zeros((2, 2, 8, 8)))
   with pytest.raises(ValueError, match="unknown implementation"):
     ops.gated_delta_rule(q, k, v, g, beta, implementation="pallas_tpu_typo")
+
+
+@pytest.mark.parametrize("hv,packed,t,chunk", [(4, True, 29, 8), (2, False, 13, 4)])
+def test_gated_delta_every_gradient_matches_float64_recurrence(x64, hv, packed, t, chunk):
+  """xla vs the recurrence in float64: o, final state and the gradients of q, k, v,
+  g, beta and initial_state, with GVA, ragged T and packed documents."""
+  q, k, v, g, beta, state = _inputs(11, t=t, dk=8, dv=4, hv=hv, dtype=jnp.float64)
+  seg = _segments(2, t, 1) if packed else None
+  rng = np.random.default_rng(12)
+  cot_o = jnp.asarray(rng.normal(size=v.shape))
+  cot_s = jnp.asarray(rng.normal(size=state.shape))
+
+  def loss(impl, *args):
+    o, s = ops.gated_delta_rule(
+      *args[:5], initial_state=args[5], output_final_state=True, chunk_size=chunk,
+      segment_ids=seg, implementation=impl,
+    )  # fmt: skip
+    return jnp.sum(o * cot_o) + jnp.sum(s * cot_s)
+
+  args = (q, k, v, g, beta, state)
+  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=range(1, 7)), static_argnums=0)
+  value_x, grads_x = grad_fn("xla", *args)
+  value_r, grads_r = grad_fn("reference", *args)
+  np.testing.assert_allclose(value_x, value_r, rtol=1e-11)
+  for name, a, b in zip(("q", "k", "v", "g", "beta", "state"), grads_x, grads_r):
+    assert float(jnp.max(jnp.abs(b))) > 1e-3, name  # a gradient that is really there
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+def test_gated_delta_packed_row_equals_separate_documents(x64):
+  """A packed row gives each document the outputs and gradients it gets alone;
+  the initial state reaches only the first document, the final state is the last's."""
+  lengths = (5, 10, 1)
+  t = sum(lengths)
+  q, k, v, g, beta, state = _inputs(13, b=1, t=t, h=1, dk=4, dv=3, hv=2, dtype=jnp.float64)
+  seg = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None], jnp.int32)
+  cot = jnp.asarray(np.random.default_rng(14).normal(size=v.shape))
+  bounds = np.cumsum((0,) + lengths)
+
+  def packed(q, k, v, g, beta):
+    o, s = ops.gated_delta_rule(
+      q, k, v, g, beta, initial_state=state, output_final_state=True, chunk_size=8,
+      segment_ids=seg,
+    )  # fmt: skip
+    return jnp.sum(o * cot) + jnp.sum(s), (o, s)
+
+  def separate(q, k, v, g, beta):
+    outs, s = [], None
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+      o, s = ops.gated_delta_rule(
+        *(a[:, lo:hi] for a in (q, k, v, g, beta)), initial_state=state if i == 0 else None,
+        output_final_state=True, chunk_size=8,
+      )  # fmt: skip
+      outs.append(o)
+    o = jnp.concatenate(outs, axis=1)
+    return jnp.sum(o * cot) + jnp.sum(s), (o, s)
+
+  args = (q, k, v, g, beta)
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=range(5), has_aux=True))
+  (_, (o_p, s_p)), grads_p = grad(packed)(*args)
+  (_, (o_s, s_s)), grads_s = grad(separate)(*args)
+  np.testing.assert_allclose(o_p, o_s, rtol=1e-11, atol=1e-12)
+  np.testing.assert_allclose(s_p, s_s, rtol=1e-11, atol=1e-12)
+  for name, a, b in zip("q k v g beta".split(), grads_p, grads_s):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_gated_delta_step_matches_float64_loop(x64):
+  """Three decoding steps with GVA against the float64 loop, and the f32 dtypes."""
+  q, k, v, g, beta, state = _inputs(15, t=3, hv=4, dtype=jnp.float64)
+  expected_o, expected_s = _numpy_gated_delta(q, k, v, g, beta, state, 0.3)
+  s = state
+  step = jax.jit(lambda *a: ops.gated_delta_rule_step(*a, scale=0.3))
+  for t in range(3):
+    o, s = step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s)
+    np.testing.assert_allclose(o, expected_o[:, t], rtol=1e-12, atol=1e-13)
+  np.testing.assert_allclose(s, expected_s, rtol=1e-12, atol=1e-13)
+  o16, s32 = ops.gated_delta_rule_step(
+    *(a[:, 0].astype(jnp.bfloat16) for a in (q, k, v)), g[:, 0], beta[:, 0],
+    state.astype(jnp.float32),
+  )  # fmt: skip
+  assert o16.dtype == jnp.bfloat16 and s32.dtype == jnp.float32
+  with pytest.raises(ValueError, match="gated_delta_rule_step"):
+    ops.gated_delta_rule_step(q, k, v[:, 0], g[:, 0], beta[:, 0], state)
+
+
+def test_gated_delta_bf16_inputs_and_inverse_dtype():
+  """bf16 q/k/v (f32 accumulation) against the float64 loop, with the default
+  float32 inverse and with inverse_dtype='bfloat16'; GVA and packed rows."""
+  q, k, v, g, beta, state = _inputs(16, t=45, hv=4, dv=8)
+  seg = _segments(2, 45, 2)
+  q16, k16, v16 = (a.astype(jnp.bfloat16) for a in (q, k, v))
+  expected, expected_s = _numpy_gated_delta(q16, k16, v16, g, beta, state, 8**-0.5, seg)
+  scale = float(np.max(np.abs(expected)))
+  for inverse_dtype, tol in ((None, 2e-2), ("bfloat16", 4e-2)):
+    run = jax.jit(
+      lambda *a, inverse_dtype=inverse_dtype: ops.gated_delta_rule(
+        *a, initial_state=state, output_final_state=True, chunk_size=16, segment_ids=seg,
+        inverse_dtype=inverse_dtype,
+      )
+    )  # fmt: skip
+    o, s = run(q16, k16, v16, g, beta)
+    assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    np.testing.assert_allclose(o.astype(np.float64) / scale, expected / scale, atol=tol)
+    np.testing.assert_allclose(s, expected_s, atol=tol * np.max(np.abs(expected_s)))
+
+
+def _numpy_linear(q, k, v, scale, normalize, segment_ids):
+  q, k, v = (np.array(a, np.float64) for a in (q, k, v))
+  b, t, h, d = q.shape
+  out = np.zeros(v.shape)
+  kv = np.zeros((b, h, d, v.shape[-1]))
+  z = np.zeros((b, h, d))
+  for bi in range(b):
+    for ti in range(t):
+      if ti and segment_ids[bi, ti] != segment_ids[bi, ti - 1]:
+        kv[bi], z[bi] = 0.0, 0.0
+      kv[bi] += np.einsum("hd,he->hde", k[bi, ti], v[bi, ti])
+      z[bi] += k[bi, ti]
+      num = np.einsum("hd,hde->he", q[bi, ti], kv[bi])
+      out[bi, ti] = (
+        num / np.einsum("hd,hd->h", q[bi, ti], z[bi])[:, None] if normalize else (scale * num)
+      )
+  return out, kv, z
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_attention_packed_segments(x64, normalize):
+  """Packed linear attention (xla and reference) against a float64 loop that zeroes
+  the state at boundaries, values and final state; gradients xla vs reference."""
+  t = 27
+  rng = np.random.default_rng(17)
+  q, k, v = (jnp.asarray(rng.uniform(0.1, 1.0, (2, t, 2, 4))) for _ in range(3))
+  seg = _segments(2, t, 3)
+  expected, kv, z = _numpy_linear(q, k, v, 0.5, normalize, np.asarray(seg))
+  final = {}
+  for impl in ("xla", "reference"):
+    o, final[impl] = ops.linear_attention(
+      q, k, v, normalize=normalize, scale=0.5, chunk_size=8, segment_ids=seg,
+      output_final_state=True, implementation=impl,
+    )  # fmt: skip
+    np.testing.assert_allclose(o, expected, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(final[impl][0] if normalize else final[impl], kv, rtol=1e-11)
+    if normalize:
+      np.testing.assert_allclose(final[impl][1], z, rtol=1e-11)
+
+  def loss(impl, q, k, v):
+    o, _ = ops.linear_attention(
+      q, k, v, normalize=normalize, chunk_size=8, segment_ids=seg, implementation=impl
+    )
+    return jnp.sum(o * jnp.cos(jnp.arange(o.size).reshape(o.shape)))
+
+  grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)
+  grads = [grad(impl, q, k, v) for impl in ("xla", "reference")]
+  for name, a, b in zip("qkv", *grads):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 def _numpy_block_ops(q, k, v, g, beta, write, visible, block):

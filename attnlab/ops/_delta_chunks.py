@@ -4,14 +4,36 @@ Shared by the gated delta rule op and NAtS-L's gated-write variant. For a
 chunk with in-chunk cumulative log decay γ and Γ_ij = exp(γ_i − γ_j) (i ≥ j):
 
     A  = strict_lower(diag(β) K Kᵀ ⊙ Γ)
-    U  = (I + A)⁻¹ diag(β) V           W = (I + A)⁻¹ diag(β) (K ⊙ e^γ)
-    O  = (Q ⊙ e^γ) S + (Q Kᵀ ⊙ Γ) (U − W S)
-    S' = e^{γ_C} S + m (K ⊙ e^{γ_C − γ})ᵀ (U − W S)
+    U  = (I + A)⁻¹ diag(β) V           W = (I + A)⁻¹ diag(β e^γ) K
+    V' = U − W S                        (the chunk's corrected values)
+    O  = diag(e^γ) (scale·Q) S + (scale·Q Kᵀ ⊙ Γ) V'
+    S' = e^{γ_C} S + m (K ⊙ e^{γ_C − γ})ᵀ V'
 
 with S the state at the chunk start and m the chunk's write gate (1 for the
-plain rule). Everything that does not depend on S is computed for all chunks
-at once; a scan over chunks carries only the affine map S' = (e^{γ_C} − Y) S + X,
-so no T×T matrix is formed. Every exponent is ≤ 0, so nothing overflows.
+plain rule). Everything that does not depend on S (A, its inverse, U, W,
+Q Kᵀ) is computed for all chunks at once; the scan over chunks does only
+W S and Kᵀ V' (4·C·K·V flops per chunk and value head, fla's state update),
+and the outputs are formed after the scan from the chunk-start states.
+Every exponent is ≤ 0, so nothing overflows.
+
+Grouped value heads (GVA): q and k have H heads, v, g, β and the state
+HV = H·G. Q Kᵀ and K Kᵀ are formed once per q/k head and broadcast over the
+G value heads of the group; q and k are never repeated.
+
+Packed sequences: `segment_ids` [B, T] marks documents (a new document
+starts wherever the id changes). Pairs of tokens in different documents are
+masked out of A, Γ and Q Kᵀ explicitly, tokens after a boundary inside a
+chunk do not read the chunk-start state, and the state carried out of a chunk
+holds only its last document's writes (no decay of the old state). No
+-inf decays, so the cumulative sums keep their precision.
+
+Precision: matmul operands are in the inputs' dtype (bf16 stays bf16 on the
+MXU / tensor cores) and accumulate in the compute dtype (≥ float32) through
+`preferred_element_type`; float32 or float64 operands use
+Precision.HIGHEST so TPUs do not silently round them to bf16 passes. The
+in-chunk inverse (I + A)⁻¹ and its products with β V and β e^γ K run in
+`inverse_dtype` (default: the compute dtype, float32 even for bf16 inputs):
+the entries of (I + A)⁻¹ grow with the chunk length and bf16 loses them.
 """
 
 from __future__ import annotations
@@ -19,7 +41,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _linalg
+from attnlab.ops import _dispatch, _linalg
 
 
 def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -29,8 +51,56 @@ def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
   return jnp.moveaxis(x, 3, 1)
 
 
-def pad_time(x: jax.Array, pad: int) -> jax.Array:
-  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+def _to_group_chunks(x: jax.Array, heads: int, chunk: int) -> jax.Array:
+  """[B, T, H·G, ...] -> [B, H, G, N, C, ...] (value head h·G + j is (h, j))."""
+  b, t, hv = x.shape[:3]
+  x = x.reshape(b, t // chunk, chunk, heads, hv // heads, *x.shape[3:])
+  return jnp.moveaxis(x, (3, 4), (1, 2))
+
+
+def pad_time(x: jax.Array, pad: int, mode: str = "constant") -> jax.Array:
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)
+
+
+def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
+  """HIGHEST for float32/float64 operands (full-precision passes on TPU), else DEFAULT."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else jax.lax.Precision.DEFAULT
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, operand: jnp.dtype, acc: jnp.dtype):
+  """einsum with operands cast to `operand` and accumulation in `acc`.
+
+  XLA:CPU has no bf16 x bf16 -> f32 dot, so when compiling for a CPU 16-bit
+  operands are widened to `acc` first (the same products, exactly).
+  """
+  if jnp.dtype(operand).itemsize < 4 and _dispatch.target_platform(a, b) == "cpu":
+    operand = acc
+  return jnp.einsum(
+    spec,
+    a.astype(operand),
+    b.astype(operand),
+    precision=matmul_precision(operand),
+    preferred_element_type=acc,
+  )
+
+
+def segment_masks(segment_ids: jax.Array, t_padded: int, chunk: int):
+  """Per-chunk document structure from segment ids [B, T].
+
+  Returns (same [B,N,C,C] bool: tokens i, j in one document; fresh [B,N,C]:
+  token reads the chunk-start state; last [B,N,C]: token belongs to the
+  chunk's last document; carry [B,N]: the chunk has no document start, so the
+  old state survives it). The row's first token never starts a document: the
+  initial state belongs to the row's first document.
+  """
+  b, t = segment_ids.shape
+  seg = pad_time(segment_ids, t_padded - t, mode="edge")
+  starts = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  count = jnp.cumsum(starts.reshape(b, -1, chunk).astype(jnp.int32), axis=-1)  # [B,N,C]
+  same = count[..., :, None] == count[..., None, :]
+  fresh = count == 0
+  last = count == count[..., -1:]
+  return same, fresh, last, count[..., -1] == 0
 
 
 def chunked_gated_delta(
@@ -44,60 +114,101 @@ def chunked_gated_delta(
   initial_state: jax.Array,
   chunk: int,
   write_gate: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  inverse_dtype: jnp.dtype | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Chunked gated delta rule on already-cast, equal-head inputs.
+  """Chunked gated delta rule.
 
   Args:
-    q, k: [B, T, H, K]; v: [B, T, H, V]; g, beta: [B, T, H]; T any length.
-    initial_state: [B, H, K, V].
+    q, k: [B, T, H, K] in the matmul operand dtype (bf16, f32 or f64).
+    v: [B, T, HV, V], HV a multiple of H; same dtype as q.
+    g, beta: [B, T, HV] in the compute dtype (≥ float32). T any length.
+    initial_state: [B, HV, K, V] in the compute dtype.
     chunk: chunk length C.
-    write_gate: optional [B, ceil(T/C), H]; scales each chunk's write into the
+    write_gate: optional [B, ceil(T/C), HV]; scales each chunk's write into the
       state (its own outputs still see it). None writes every chunk fully.
+    segment_ids: optional [B, T] int document ids (see the module docstring).
+    inverse_dtype: dtype of (I + A)⁻¹ and its products; None: the compute dtype.
 
   Returns:
-    (o [B, T, H, V], final state [B, H, K, V]).
+    (o [B, T, HV, V] in the compute dtype, final state [B, HV, K, V]).
   """
   b, t, h, dk = q.shape
+  hv, dv = v.shape[2], v.shape[3]
+  grp = hv // h
+  operand = jnp.result_type(q, k, v)
+  acc = jnp.result_type(g, initial_state)
+  inv_dtype = jnp.dtype(inverse_dtype or acc)
   pad = -t % chunk
+  tp = t + pad
   # Padding with k = v = β = g = 0 leaves the state untouched.
   q, k, v, g, beta = (pad_time(a, pad) for a in (q, k, v, g, beta))
-  q, k, v, g, beta = (_to_chunks(a, chunk) for a in (q, k, v, g, beta))  # [B,H,N,C,..]
+  q, k = _to_chunks(q, chunk), _to_chunks(k, chunk)  # [B,H,N,C,K]
+  v = _to_group_chunks(v, h, chunk)  # [B,H,G,N,C,V]
+  g, beta = (_to_group_chunks(a, h, chunk) for a in (g, beta))  # [B,H,G,N,C]
 
-  gamma = jnp.cumsum(g, axis=-1)  # [B,H,N,C]
-  diff = gamma[..., :, None] - gamma[..., None, :]
   inclusive = jnp.tril(jnp.ones((chunk, chunk), bool))
   strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+  if segment_ids is None:
+    fresh = last = carry = None
+  else:
+    same, fresh, last, carry = segment_masks(segment_ids, tp, chunk)
+    same = same[:, None, None]  # [B,1,1,N,C,C]
+    inclusive, strict = inclusive & same, strict & same
+    fresh, last, carry = fresh[:, None, None], last[:, None, None], carry[:, None, None]
+
+  gamma = jnp.cumsum(g, axis=-1)  # [B,H,G,N,C]
+  diff = gamma[..., :, None] - gamma[..., None, :]
   decay = jnp.where(inclusive, jnp.exp(jnp.where(inclusive, diff, 0.0)), 0.0)  # Γ
+  e_gamma = jnp.exp(gamma)
+  if fresh is not None:
+    e_gamma = jnp.where(fresh, e_gamma, 0.0)  # tokens after a boundary never see S
 
-  kk = jnp.einsum("...ik,...jk->...ij", k, k)
-  a = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0)
-  rhs = jnp.concatenate([beta[..., None] * v, beta[..., None] * k * jnp.exp(gamma)[..., None]], -1)
-  solved = _linalg.unit_lower_inverse(a) @ rhs
-  u, w = solved[..., : v.shape[-1]], solved[..., v.shape[-1] :]
+  # K Kᵀ once per q/k head, broadcast over the value-head group.
+  kk = _einsum("bhnik,bhnjk->bhnij", k, k, operand, acc)[:, :, None]
+  a = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0).astype(inv_dtype)
+  with jax.default_matmul_precision("highest" if inv_dtype.itemsize >= 4 else "default"):
+    inv = _linalg.unit_lower_inverse(a)  # [B,H,G,N,C,C]
+  # (I + A)⁻¹ diag(β) V and (I + A)⁻¹ diag(β e^γ) K, scaling the inverse's
+  # columns instead of repeating k per value head.
+  u = _einsum(
+    "bhgnij,bhgnjv->bhgniv", inv * beta[..., None, :].astype(inv_dtype), v, inv_dtype, acc
+  )
+  w = _einsum(
+    "bhgnij,bhnjk->bhgnik",
+    inv * (beta * e_gamma)[..., None, :].astype(inv_dtype),
+    k,
+    inv_dtype,
+    acc,
+  )
 
-  p = jnp.einsum("...ik,...jk->...ij", q * scale, k) * decay
-  q_eff = q * scale * jnp.exp(gamma)[..., None] - p @ w  # [B,H,N,C,K]
-  pu = p @ u  # [B,H,N,C,V]
-
-  decay_end = jnp.exp(gamma[..., -1])  # [B,H,N]
-  k_end = k * jnp.exp(gamma[..., -1:] - gamma)[..., None]
-  x = jnp.einsum("...ck,...cv->...kv", k_end, u)  # [B,H,N,K,V]
-  y = jnp.einsum("...ck,...cj->...kj", k_end, w)  # [B,H,N,K,K]
+  decay_end = jnp.exp(gamma[..., -1])  # [B,H,G,N]
+  write = jnp.exp(gamma[..., -1:] - gamma)  # [B,H,G,N,C]
+  if segment_ids is not None:
+    decay_end = jnp.where(carry, decay_end, 0.0)
+    write = jnp.where(last, write, 0.0)  # only the last document is carried out
   if write_gate is not None:
-    gate = jnp.moveaxis(write_gate, 2, 1)[..., None, None]  # [B,H,N,1,1]
-    x, y = x * gate, y * gate
+    gate = jnp.moveaxis(write_gate.reshape(b, -1, h, grp), 1, 3)  # [B,H,G,N]
+    write = write * gate[..., None].astype(write.dtype)
 
   def advance(state, inputs):
-    decay_n, x_n, y_n = inputs
-    return decay_n[..., None, None] * state - y_n @ state + x_n, state
+    k_n, w_n, u_n, write_n, decay_n = inputs
+    v_new = u_n - _einsum("bhgck,bhgkv->bhgcv", w_n, state, operand, acc)
+    update = _einsum("bhck,bhgcv->bhgkv", k_n, v_new * write_n[..., None], operand, acc)
+    return decay_n[..., None, None] * state + update, (state, v_new)
 
-  xs = tuple(jnp.moveaxis(a, 2, 0) for a in (decay_end, x, y))
-  final, starts = jax.lax.scan(advance, initial_state, xs)
-  starts = jnp.moveaxis(starts, 0, 2)  # [B,H,N,K,V]
+  state0 = initial_state.reshape(b, h, grp, dk, dv)
+  xs = (jnp.moveaxis(k, 2, 0), *(jnp.moveaxis(x, 3, 0) for x in (w, u, write, decay_end)))
+  final, (starts, v_new) = jax.lax.scan(advance, state0, xs)
+  starts, v_new = jnp.moveaxis(starts, 0, 3), jnp.moveaxis(v_new, 0, 3)  # [B,H,G,N,..]
 
-  o = q_eff @ starts + pu  # [B,H,N,C,V]
-  o = jnp.moveaxis(o, 1, 3).reshape(b, t + pad, h, -1)[:, :t]
-  return o, final
+  # O = diag(e^γ) (scale·Q) S + (scale·Q Kᵀ ⊙ Γ) V', Q Kᵀ once per q/k head.
+  qs = q * jnp.asarray(scale, q.dtype)
+  qk = _einsum("bhnik,bhnjk->bhnij", qs, k, operand, acc)[:, :, None]
+  o = e_gamma[..., None] * _einsum("bhnck,bhgnkv->bhgncv", qs, starts, operand, acc)
+  o = o + _einsum("bhgnij,bhgnjv->bhgniv", qk * decay, v_new, operand, acc)
+  o = jnp.moveaxis(o, (1, 2), (3, 4)).reshape(b, tp, hv, dv)[:, :t]
+  return o, final.reshape(b, hv, dk, dv)
 
 
 def recurrent_step(
@@ -109,11 +220,20 @@ def recurrent_step(
   beta: jax.Array,
   scale: float,
 ) -> tuple[jax.Array, jax.Array]:
-  """One step of the rule: state [B,H,K,V]; q, k [B,H,K]; v [B,H,V]; g, beta [B,H].
+  """One step of the rule, GVA-aware.
+
+  state [B,HV,K,V]; q, k [B,H,K]; v [B,HV,V]; g, beta [B,HV]; HV = H·G.
 
   S ← e^g S;  u = β (v − Sᵀk);  S ← S + k uᵀ;  o = Sᵀ (scale · q).
+  Returns (new state [B,HV,K,V], o [B,HV,V]) in the state's dtype.
   """
-  state = state * jnp.exp(g)[..., None, None]
-  u = beta[..., None] * (v - jnp.einsum("bhkv,bhk->bhv", state, k))
-  state = state + k[..., :, None] * u[..., None, :]
-  return state, jnp.einsum("bhkv,bhk->bhv", state, scale * q)
+  b, hv, dk, dv = state.shape
+  h = q.shape[1]
+  s = state.reshape(b, h, hv // h, dk, dv) * jnp.exp(g).reshape(b, h, -1, 1, 1)
+  prec = matmul_precision(state.dtype)
+  q, k = (a.astype(state.dtype) for a in (q, k))
+  kv = jnp.einsum("bhgkv,bhk->bhgv", s, k, precision=prec)
+  u = beta.reshape(b, h, -1, 1) * (v.reshape(b, h, -1, dv).astype(state.dtype) - kv)
+  s = s + k[:, :, None, :, None] * u[..., None, :]
+  o = jnp.einsum("bhgkv,bhk->bhgv", s, scale * q, precision=prec)
+  return s.reshape(b, hv, dk, dv), o.reshape(b, hv, dv)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from attnlab.ops import _dtypes
-from attnlab.ops.linear import reference, xla
+from attnlab.ops import _dispatch
 
-_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+_DISPATCH = _dispatch.Dispatch(
+  op="linear_attention", package="attnlab.ops.linear", implementations=("xla", "reference")
+)
 
 # With normalize=True the state is a pair (kv [B,H,D,Dv], k_sum [B,H,D]).
 LinearState = jax.Array | tuple[jax.Array, jax.Array]
@@ -23,6 +25,7 @@ def linear_attention(
   initial_state: LinearState | None = None,
   output_final_state: bool = False,
   chunk_size: int = 64,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
 ) -> tuple[jax.Array, LinearState | None]:
   """Causal linear attention, o_t = scale · Σ_{s≤t} (q_t·k_s) v_s.
@@ -38,6 +41,10 @@ def linear_attention(
       pair (kv, k_sum [batch, heads, head_dim]).
     output_final_state: also return the state after the last step.
     chunk_size: chunk length of the parallel form; any T works.
+    segment_ids: [batch, time] int or None (one sequence per row). Packed
+      documents: a document starts wherever the id changes and no state passes
+      between documents; initial_state applies to each row's first document,
+      the final state is its last document's.
     implementation: None (best for backend), 'xla' or 'reference'.
 
   Returns:
@@ -49,10 +56,16 @@ def linear_attention(
       f"shape and v [batch, time, heads, head_dim_v]; got q{q.shape} "
       f"k{k.shape} v{v.shape}"
     )
+  if segment_ids is not None and (
+    segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+  ):
+    raise ValueError(
+      f"segment_ids must be integer [batch, time] = {q.shape[:2]}, "
+      f"got {segment_ids.dtype}{segment_ids.shape}"
+    )
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  impl = _dtypes.resolve_implementation(implementation, tuple(_IMPLEMENTATIONS), "linear_attention")
-  return _IMPLEMENTATIONS[impl].linear_attention(
+  return _DISPATCH.module(implementation, q, k, v).linear_attention(
     q,
     k,
     v,
@@ -61,4 +74,5 @@ def linear_attention(
     initial_state=initial_state,
     output_final_state=output_final_state,
     chunk_size=chunk_size,
+    segment_ids=segment_ids,
   )

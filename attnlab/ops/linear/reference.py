@@ -22,7 +22,9 @@ def linear_attention(
   initial_state=None,
   output_final_state: bool = False,
   chunk_size: int = 64,
+  segment_ids: jax.Array | None = None,
 ):
+  """With segment_ids the state (kv and z) is zeroed wherever the id changes."""
   del chunk_size  # the recurrence has no chunks
   dtype = _dtypes.compute_dtype(q, k, v)
   b, _, h, d = q.shape
@@ -36,9 +38,19 @@ def linear_attention(
   else:
     kv0, z0 = initial_state.astype(dtype), jnp.zeros((b, h, d), dtype)
 
+  t = q.shape[1]
+  if segment_ids is None:
+    resets = jnp.zeros((b, t), bool)
+  else:
+    resets = jnp.concatenate(
+      [jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+
   def step(carry, inputs):
     kv, z = carry
-    qt, kt, vt = inputs  # [B, H, D]
+    reset, qt, kt, vt = inputs  # [B], [B, H, D]
+    kv = jnp.where(reset[:, None, None, None], 0.0, kv)
+    z = jnp.where(reset[:, None, None], 0.0, z)
     kv = kv + jnp.einsum("bhd,bhe->bhde", kt, vt)
     z = z + kt
     num = jnp.einsum("bhd,bhde->bhe", qt, kv)
@@ -49,7 +61,7 @@ def linear_attention(
     return (kv, z), out
 
   xs = tuple(jnp.moveaxis(a.astype(dtype), 1, 0) for a in (q, k, v))
-  (kv, z), out = jax.lax.scan(step, (kv0, z0), xs)
+  (kv, z), out = jax.lax.scan(step, (kv0, z0), (jnp.moveaxis(resets, 1, 0), *xs))
   o = jnp.moveaxis(out, 0, 1).astype(q.dtype)
   final = None
   if output_final_state:
