@@ -167,11 +167,11 @@ def main():
   tag = f"p1_{args.phase1}_p2_{args.phase2}"
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
     json.dump(results, f, indent=1)
-  plot(curves, args.phase1, os.path.join(args.out, f"{tag}.png"))
+  plot(curves, args.phase1, os.path.join(args.out, f"{tag}.png"), args)
   print(json.dumps(results["runs"], indent=1))
 
 
-def plot(curves: dict, phase1: int, path: str) -> None:
+def plot(curves: dict, phase1: int, path: str, args) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -193,7 +193,10 @@ def plot(curves: dict, phase1: int, path: str) -> None:
   ax_loss.set_ylabel("MSE (50-step mean)")
   ax_loss.legend(fontsize=7)
   ax_diag.set_ylabel("mean diagonal attention prob")
-  fig.suptitle("LUCID two-phase task: single head, d 256, T = vocab = 10, NoPE, Adam 1e-4")
+  fig.suptitle(
+    f"LUCID two-phase task: single head, d {args.d_model}, T = vocab = {args.seq_len}, NoPE, "
+    f"Adam {args.lr:g}, batch {args.batch}"
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
