@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from attnlab import data, generate
+from attnlab import data, generate, metrics
 
 
 def _define_flags() -> None:
@@ -87,7 +87,13 @@ def run(
     collect.num_layers(model),
     *tokens.shape,
   )
-  results, skipped = report.analyze_model(model, tokens, layers, progress=logging.info)
+  line = metrics.Progress(
+    total=len(layers) if layers else collect.num_layers(model), label="analyze layer"
+  )
+  results, skipped = report.analyze_model(
+    model, tokens, layers, progress=lambda message: line.update(done=message)
+  )
+  line.close()
   for message in skipped:
     logging.warning("skipped %s", message)
   if not results:

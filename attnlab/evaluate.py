@@ -26,7 +26,7 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from attnlab import data, generate
+from attnlab import data, generate, metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["256", "1024", "4096"], "Lengths to evaluate.")
@@ -35,9 +35,12 @@ _BUCKET = flags.DEFINE_integer("bucket", 128, "Position bucket of the loss curve
 _CONFIG = generate.define_config_overrides()
 
 
-def evaluate_length(model: nnx.Module, config, *, seq_len: int, tokens: int, bucket: int) -> dict:
+def evaluate_length(
+  model: nnx.Module, config, *, seq_len: int, tokens: int, bucket: int, on_batch=None
+) -> dict:
   """Weighted loss and accuracy over ~`tokens` eval tokens in windows of
-  `seq_len`, plus the loss per position bucket [ceil(seq_len / bucket)]."""
+  `seq_len`, plus the loss per position bucket [ceil(seq_len / bucket)].
+  `on_batch(done, total)`, if given, is called after every batch."""
   data_config = config.data.copy_and_resolve_references()
   with data_config.unlocked():
     data_config.seq_len = seq_len
@@ -60,6 +63,8 @@ def evaluate_length(model: nnx.Module, config, *, seq_len: int, tokens: int, buc
       break
     c, a, w = jax.device_get(sums(params, batch))
     ce, correct, weight = ce + c, correct + a, weight + w
+    if on_batch is not None:
+      on_batch(i + 1, batches)
   if weight.sum() == 0:
     raise ValueError(f"the eval split has no tokens at seq_len={seq_len}")
   edges = np.arange(0, seq_len, bucket)
@@ -97,7 +102,21 @@ def main(argv):
   model, config, step = generate.load_model(_WORKDIR.value, overrides=overrides)
   results = []
   for seq_len in (int(s) for s in _SEQ_LENS.value):
-    r = evaluate_length(model, config, seq_len=seq_len, tokens=_TOKENS.value, bucket=_BUCKET.value)
+    progress = metrics.Progress(total=None, label=f"evaluate T={seq_len} batch")
+
+    def on_batch(done, total, progress=progress):
+      progress.total = total
+      progress.update()
+
+    r = evaluate_length(
+      model,
+      config,
+      seq_len=seq_len,
+      tokens=_TOKENS.value,
+      bucket=_BUCKET.value,
+      on_batch=on_batch,
+    )
+    progress.close()
     logging.info(
       "step %d  T=%5d  loss %.4f  accuracy %.4f  (%d tokens)",
       step,

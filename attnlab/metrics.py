@@ -1,4 +1,5 @@
-"""The one metrics writer: JSON lines, TensorBoard events and a progress line.
+"""The one metrics writer: JSON lines, TensorBoard events and a progress line;
+the progress line of other long commands (`Progress`) and the profiler window.
 
 Only process 0 writes. `<workdir>/metrics.jsonl` holds one JSON object per
 logged step ({"step": ..., "train/loss": ...}); TensorBoard event files go to
@@ -142,7 +143,8 @@ class Progress:
     self.label = label
     self.done = 0
     self._start = time.time()
-    self._line = ProgressLine(stream, enabled=enabled and jax.process_index() == 0)
+    # No jax.process_index() here: the sweep's parent process must not start a backend.
+    self._line = ProgressLine(stream, enabled=enabled)
 
   def update(self, advance: int = 1, **fields: Any) -> None:
     """Counts `advance` more items done and redraws the line."""

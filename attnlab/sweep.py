@@ -101,6 +101,8 @@ def train_args(config: str, overrides: Override, extra: Sequence[str], workdir: 
 
 def is_finished(workdir: str) -> bool:
   """True when the run's latest checkpoint is at its config's total_steps."""
+  if "://" in workdir:  # remote (gs://): not checked here; every run resumes itself
+    return False
   config_path = os.path.join(workdir, "config.json")
   checkpoints = os.path.join(workdir, "checkpoints")
   if not (os.path.exists(config_path) and os.path.isdir(checkpoints)):
@@ -155,14 +157,11 @@ def main(parsed) -> None:
     raise SystemExit(f"attnlab.sweep: unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   runs = plan(f.config, load_sweep(f.sweep), f.workdir, extra)
-  os.makedirs(f.workdir, exist_ok=True)
-  with open(os.path.join(f.workdir, "sweep.json"), "w") as out:
-    json.dump(
-      {"config": f.config, "sweep": f.sweep, "extra": extra, "runs": runs},
-      out,
-      indent=1,
-      default=str,
-    )
+  if "://" not in f.workdir:  # a record of what ran, next to the runs
+    os.makedirs(f.workdir, exist_ok=True)
+    with open(os.path.join(f.workdir, "sweep.json"), "w") as out:
+      manifest = {"config": f.config, "sweep": f.sweep, "extra": extra, "runs": runs}
+      json.dump(manifest, out, indent=1, default=str)
   prefix = shlex.split(f.launch) if f.launch else [sys.executable, "-m", "attnlab.train"]
   todo = [r for r in runs if not r["finished"]]
   if f.print:

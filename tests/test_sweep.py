@@ -2,6 +2,7 @@
 resumes (skipping finished runs) and is tabulated and plotted."""
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from attnlab import sweep
+from attnlab import metrics, sweep
 
 from .conftest import REPO
 
@@ -55,6 +56,22 @@ def test_product_zip_and_names():
     "--config.total_steps=3",
     "--workdir=w",
   ]
+
+
+def test_progress_line():
+  stream = io.StringIO()  # not a terminal: one printed line per update
+  progress = metrics.Progress(total=4, label="sweep", stream=stream)
+  progress.update(run="a")
+  progress.message("note")
+  progress.update(advance=3, run="b")
+  progress.close()
+  lines = stream.getvalue().splitlines()
+  assert lines[0].startswith("sweep 1/4 | run a | ") and " | eta " in lines[0]
+  assert lines[1] == "note"
+  assert lines[2].startswith("sweep 4/4 | run b | ") and "eta" not in lines[2]
+  quiet = io.StringIO()
+  metrics.Progress(total=1, label="x", stream=quiet, enabled=False).update()
+  assert quiet.getvalue() == ""
 
 
 def test_shipped_sweeps_load():

@@ -4,10 +4,13 @@
         --data_dir=~/tensorflow_datasets
 """
 
+import glob
 import os
+import time
 
 from absl import app, flags
 
+from attnlab import metrics
 from attnlab.data import text_corpus
 
 _SOURCE = flags.DEFINE_string("source_dir", None, "Directory of .txt files.", required=True)
@@ -18,7 +21,15 @@ _DATA_DIR = flags.DEFINE_string(
 
 def main(argv):
   del argv
-  text_corpus.prepare(_SOURCE.value, os.path.expanduser(_DATA_DIR.value))
+  files = glob.glob(os.path.join(_SOURCE.value, "**", "*.txt"), recursive=True)
+  size = sum(os.path.getsize(f) for f in files)
+  progress = metrics.Progress(total=2, label="data.prepare")
+  progress.update(step="scanned", files=len(files), MB=f"{size / 1e6:.1f}")
+  start = time.time()
+  data_dir = os.path.expanduser(_DATA_DIR.value)
+  text_corpus.prepare(_SOURCE.value, data_dir)
+  progress.update(step="built text_corpus", into=data_dir, took=f"{time.time() - start:.0f}s")
+  progress.close()
 
 
 if __name__ == "__main__":
