@@ -1,14 +1,16 @@
 """The softmax-family `'xla'` paths against `jax.nn.dot_product_attention` on this host.
 
-    python -m benchmarks.xla_paths [--lengths=256,512,1024,2048,4096] [--rounds=2] [--runs=3]
+    python -m benchmarks.xla_paths [--lengths=256,512,1024,2048,4096] [--rounds=7]
+                                   [--rounds_long=3]
 
 Causal, float32, B=1, 8 query heads, D=64. Every variant is timed against
 `jax.nn.dot_product_attention(is_causal=True, implementation='xla')` on the
 same shapes (2 kv heads unless the variant says MHA), forward and
-forward+backward (vjp of all of q, k, v). Measurements alternate ours / theirs
-for `rounds` rounds per (variant, T), each round the median of `runs` calls of
-the compiled function, because the CPU is shared; the ratio is the median over
-rounds of ours / theirs within a round (< 1: ours is faster). Memory: XLA's
+forward+backward (vjp of all of q, k, v). After one warm-up call each, single calls of
+the compiled functions alternate ours / theirs (the order flips every round) for
+`rounds` rounds per (variant, T) (`rounds_long` for T > 2048, their mean at
+2048), because the CPU is shared and noisy; the ratio is the median over rounds
+of ours / theirs within a round (< 1: ours is faster), the times the medians. Memory: XLA's
 temporaries (`memory_analysis().temp_size_in_bytes`) of the compiled fwd+bwd.
 
 Variants: softmax (GQA 8/2, MHA 8/8, GQA with SSA's `logit_scale`), LSSA,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -77,25 +80,32 @@ def _inputs(t: int, kv_heads: int):
   return q, k, v, ls
 
 
-def measure(variant: str, t: int, rounds: int, runs: int) -> dict:
+def _call_s(fn, args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def measure(variant: str, t: int, rounds: int) -> dict:
+  """One warm-up call each, then `rounds` alternating single calls (order flips per round)."""
   args = _inputs(t, HEADS if variant == "softmax_mha" else 2)
-  row = {"variant": variant, "T": t}
+  row = {"variant": variant, "T": t, "rounds": rounds}
   for mode in ("fwd", "fwdbwd"):
     fns = {"ours": _compiled(_ours(variant), args, mode), "theirs": _compiled(_theirs, args, mode)}
     if mode == "fwdbwd":
       for who, fn in fns.items():
         row[f"temp_mib_{who}"] = fn.memory_analysis().temp_size_in_bytes / 2**20
+    for fn in fns.values():
+      _call_s(fn, args)
     times = {"ours": [], "theirs": []}
-    for _ in range(rounds):
-      for who in ("ours", "theirs"):
-        timing = _timing.time_fn(
-          fns[who], args, warmup=0, min_runs=runs, max_runs=runs, min_seconds=0
-        )
-        times[who].append(timing["median_s"])
+    for r in range(rounds):
+      for who in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+        times[who].append(_call_s(fns[who], args))
+    ratios = [a / b for a, b in zip(times["ours"], times["theirs"])]
     row[f"{mode}_ms_ours"] = 1e3 * statistics.median(times["ours"])
     row[f"{mode}_ms_theirs"] = 1e3 * statistics.median(times["theirs"])
-    row[f"{mode}_ratio"] = statistics.median(a / b for a, b in zip(times["ours"], times["theirs"]))
-    row[f"{mode}_ratios"] = [a / b for a, b in zip(times["ours"], times["theirs"])]
+    row[f"{mode}_ratio"] = statistics.median(ratios)
+    row[f"{mode}_ratios"] = ratios
   return row
 
 
@@ -114,21 +124,26 @@ def _table(rows: list[dict]) -> str:
   return _timing.markdown_table(HEADER, [[r[k] for k in keys] for r in ordered])
 
 
+def _rounds(t: int, rounds: int, rounds_long: int) -> int:
+  """`rounds` up to T=1024, their mean with `rounds_long` at 2048, `rounds_long` beyond."""
+  return rounds if t <= 1024 else (rounds + rounds_long) // 2 if t <= 2048 else rounds_long
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="256,512,1024,2048,4096")
   parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=7, help="rounds for T <= 1024")
+  parser.add_argument("--rounds_long", type=int, default=3, help="rounds for T > 2048")
   parser.add_argument("--no_write", action="store_true")
   args = parser.parse_args()
   env = _timing.environment()
   config = {"batch": 1, "heads": HEADS, "kv_heads": 2, "head_dim": HEAD_DIM, "dtype": "float32"}
-  config.update(rounds=args.rounds, runs=args.runs)
+  config.update(rounds=args.rounds, rounds_long=args.rounds_long)
   rows = []
   for t in (int(x) for x in args.lengths.split(",")):
     for variant in args.variants.split(","):
-      row = measure(variant, t, args.rounds, args.runs)
+      row = measure(variant, t, _rounds(t, args.rounds, args.rounds_long))
       rows.append(row)
       print(
         f"{variant:20s} T={t:5d}  fwd {row['fwd_ms_ours']:9.2f} / {row['fwd_ms_theirs']:9.2f} ms"
@@ -143,7 +158,8 @@ def main() -> None:
           "ratio = ours / dot_product_attention, median over alternating rounds "
           "(< 1: ours is faster); temp = XLA temporaries of the compiled fwd+bwd.\n"
           f"Command: `python -m benchmarks.xla_paths --lengths={args.lengths} "
-          f"--rounds={args.rounds} --runs={args.runs}`; config {config}.\n\n" + _table(rows)
+          f"--rounds={args.rounds} --rounds_long={args.rounds_long}`; config {config}.\n\n"
+          + _table(rows)
         )
         _timing.write_results("xla_paths", env, {"config": config, "rows": rows}, markdown)
   print(_table(rows))
