@@ -155,6 +155,37 @@ def test_lucid_values_kernel_with_a_decoding_context():
   _close(got, whole[:, c:], TOL_ORACLE, "V' of new rows after a cache")
 
 
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_block_sparse_softmax_cached_matches_the_whole_sequence(new_tokens):
+  """Decoding (1 token) and a prefill chunk (3) from the block-compacted cache."""
+  from attnlab.ops.nats_l.api import block_sparse_softmax_cached
+
+  rng = np.random.default_rng(4)
+  b, h, d, block, done, length = 2, 3, 8, 4, 5, 3
+  t = done * block + length  # five complete blocks, the current one holds 3 tokens
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
+  gates = rng.integers(0, 2, size=(b, done + 1, h)).astype(np.float32)
+  gates[0, :, 0] = 0.0  # a head with no attention-typed block at all
+  full = ops.block_sparse_softmax(q, k, v, jnp.asarray(gates), block_size=block)
+  # Junk in unused slots and rows must not be seen.
+  slots = rng.normal(size=(2, b, done + 1, block, h, d))
+  counts = np.zeros((b, h), np.int32)
+  for bi in range(b):
+    for hi in range(h):
+      kept = [j for j in range(done) if gates[bi, j, hi] > 0] + [done]
+      for slot, j in enumerate(kept):
+        rows = slice(j * block, min(t, (j + 1) * block))
+        filled = rows.stop - rows.start
+        slots[0, bi, slot, :filled, hi] = np.asarray(k[bi, rows, hi])
+        slots[1, bi, slot, :filled, hi] = np.asarray(v[bi, rows, hi])
+      counts[bi, hi] = len(kept) - 1
+  got = block_sparse_softmax_cached(
+    q[:, t - new_tokens :], jnp.asarray(slots[0], jnp.float32), jnp.asarray(slots[1], jnp.float32),
+    jnp.asarray(counts), length,
+  )  # fmt: skip
+  _close(got, full[:, t - new_tokens :], TOL_XLA, "cached rows")
+
+
 def _bf16(*shapes):
   return [jax.ShapeDtypeStruct(s, jnp.float32 if len(s) == 3 else jnp.bfloat16) for s in shapes]
 

@@ -151,3 +151,52 @@ def _kernel_block_ok(impl: str, block_size: int) -> bool:
   if impl == "pallas_tpu":
     return block_size % 8 == 0
   return block_size >= 16 and block_size & (block_size - 1) == 0
+
+
+def block_sparse_softmax_cached(
+  q: jax.Array,
+  k_slots: jax.Array,
+  v_slots: jax.Array,
+  num_blocks: jax.Array,
+  block_length: jax.Array | int,
+  *,
+  scale: float | None = None,
+) -> jax.Array:
+  """NAtS-L's softmax for new tokens of the current block, against the block-compacted cache.
+
+  The cache keeps, per head, only the attention-typed blocks (compacted into
+  slots 0 .. num_blocks−1, in order) and the current block (slot
+  num_blocks); delta-typed blocks take no KV. Valid because NAtS-L's
+  softmax path is NoPE, so a key's slot does not change its logit.
+
+  Args:
+    q: [batch, Tq, heads, head_dim], the last Tq tokens of the current block
+      (a decoding step: Tq = 1; a prefill chunk inside one block: Tq > 1).
+    k_slots: [batch, slots, block_size, heads, head_dim]; v_slots likewise
+      with head_dim_v. The current block's rows up to `block_length` (the new
+      tokens included) must already be written.
+    num_blocks: [batch, heads] int, attention-typed blocks cached per head.
+    block_length: tokens of the current block so far, Tq <= it <= block_size.
+    scale: default head_dim**-0.5.
+
+  Returns:
+    [batch, Tq, heads, head_dim_v] in q.dtype (the same rows as
+    `block_sparse_softmax` over the whole sequence).
+  """
+  b, tq, h, d = q.shape
+  if k_slots.ndim != 5 or k_slots.shape[0] != b or k_slots.shape[3:] != (h, d):
+    raise ValueError(f"k_slots must be [batch, slots, block, {h}, {d}], got {k_slots.shape}")
+  if v_slots.shape[:4] != k_slots.shape[:4]:
+    raise ValueError(f"v_slots{v_slots.shape} must match k_slots{k_slots.shape} but for head_dim")
+  if num_blocks.shape != (b, h):
+    raise ValueError(f"num_blocks must be [batch, heads] = {(b, h)}, got {num_blocks.shape}")
+  if tq > k_slots.shape[2]:
+    raise ValueError(f"{tq} queries do not fit in one block of {k_slots.shape[2]}")
+  dtype = _dtypes.compute_dtype(q, k_slots, v_slots)
+  o = xla.block_sparse_softmax_cached(
+    *(a.astype(dtype) for a in (q, k_slots, v_slots)),
+    num_blocks,
+    block_length,
+    scale=_dtypes.default_scale(d, scale),
+  )
+  return o.astype(q.dtype)

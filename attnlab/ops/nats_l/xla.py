@@ -3,7 +3,8 @@
 The delta-rule path is the chunked WY form with chunk = block, each block's
 state write scaled by its gate. The softmax path builds the dense [T, T]
 block mask (O(T²) memory); a block-sparse kernel that skips hidden blocks is
-the kernels' job.
+the kernels' job (`pallas_tpu`, `pallas_gpu`). The cached softmax serves
+decoding from the block-compacted KV cache.
 """
 
 from __future__ import annotations
@@ -44,3 +45,25 @@ def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale):
   p = weights * jnp.exp(jnp.where(reachable, logits - jax.lax.stop_gradient(peak), -jnp.inf))
   p = p / jnp.sum(p, axis=-1, keepdims=True)
   return jnp.einsum("bhqs,bshd->bqhd", p, v)
+
+
+def block_sparse_softmax_cached(q, k_slots, v_slots, num_blocks, block_length, *, scale):
+  """Queries of the current block against a block-compacted KV cache.
+
+  q [B, Tq, H, D] are the last Tq tokens of the current block; k_slots,
+  v_slots [B, S, block, H, D] hold each head's attention-typed blocks in
+  slots 0 .. num_blocks−1 and the current block in slot num_blocks, whose
+  rows below `block_length` are filled. O(S·block) per query.
+  """
+  tq = q.shape[1]
+  size = k_slots.shape[2]
+  logits = jnp.einsum("bqhd,bschd->bhqsc", q, k_slots) * scale  # [B, H, Tq, S, block]
+  count = num_blocks[:, :, None, None, None]
+  slot = jnp.arange(k_slots.shape[1])[:, None]
+  row = jnp.arange(size)[None, :]
+  offset = (block_length - tq + jnp.arange(tq))[:, None, None]  # each query's row in its block
+  visible = (slot < count) | ((slot == count) & (row <= offset))
+  logits = jnp.where(visible, logits, -jnp.inf)
+  flat = logits.reshape(*logits.shape[:3], -1)
+  p = jax.nn.softmax(flat, axis=-1).reshape(logits.shape)
+  return jnp.einsum("bhqsc,bschd->bqhd", p, v_slots)
