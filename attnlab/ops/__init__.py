@@ -10,7 +10,11 @@ oracle used in tests.
 from attnlab.ops.gated_delta.api import gated_delta_rule, gated_delta_rule_step
 from attnlab.ops.linear.api import linear_attention
 from attnlab.ops.lucid.api import lucid_attention, lucid_values
-from attnlab.ops.nats_l.api import block_gated_delta_rule, block_sparse_softmax
+from attnlab.ops.nats_l.api import (
+  block_gated_delta_rule,
+  block_sparse_softmax,
+  block_sparse_softmax_cached,
+)
 from attnlab.ops.soft.api import newton_inverse, soft_attention
 from attnlab.ops.softmax.api import softmax_attention, softmax_attention_cached
 from attnlab.ops.softplus.api import softplus_attention, softplus_attention_cached
@@ -18,6 +22,7 @@ from attnlab.ops.softplus.api import softplus_attention, softplus_attention_cach
 __all__ = [
   "block_gated_delta_rule",
   "block_sparse_softmax",
+  "block_sparse_softmax_cached",
   "gated_delta_rule",
   "gated_delta_rule_step",
   "linear_attention",
