@@ -65,8 +65,12 @@ def soft_attention(
     v: [batch, time, heads, head_dim_v]
     landmarks: [heads, num_landmarks, head_dim], in the units of q.
     newton_iters, ridge: of the pseudo-inverse of A (see `newton_inverse`).
-    normalize: divide by the causal row sum Σ_{s≤t} Ŝ_ts, clamped below at
-      `eps` because A⁺ has negative entries. False is SOFT's unnormalised form.
+    normalize: divide by the causal row sum Σ_{s≤t} Ŝ_ts. Each query's
+      kernel row is rescaled in log space (the factor cancels), so rows stay
+      exact as ‖q‖ grows; the sum is floored at `eps` times the size of its
+      terms, Σ_a |(P A⁺)_ta| Σ_{s≤t} P_sa, because A⁺ has negative entries.
+      False is SOFT's unnormalised form.
+    eps: relative floor of the row sum (scale-free).
     causal: False gives the original bidirectional SOFT (encoders); then no
       state is taken or returned.
     initial_state: [batch, heads, num_landmarks, head_dim_v (+1 if normalize)]
@@ -102,9 +106,19 @@ def soft_attention(
     )
     return out.astype(q.dtype), None
 
-  query_side, key_side = xla.nystrom_features(q32, l32, newton_iters=newton_iters, ridge=ridge)
-  if normalize:  # a ones column carries the row sums through the same scan
+  if normalize:
+    # Features in log-space-rescaled units; the state stays in absolute units
+    # Σ_s P_sᵀ [v_s, 1], converted on the way in and out.
+    query_side, key_side, log_reference = xla.rescaled_nystrom_features(
+      q32, l32, newton_iters=newton_iters, ridge=ridge
+    )
+    to_units = jnp.exp(log_reference)[..., None, None]  # [B, H, 1, 1]
+    if initial_state is not None:
+      initial_state = jnp.asarray(initial_state, dtype) / to_units
+    # A ones column carries the row sums through the same scan.
     v32 = jnp.concatenate([v32, jnp.ones((*v32.shape[:3], 1), dtype)], -1)
+  else:
+    query_side, key_side = xla.nystrom_features(q32, l32, newton_iters=newton_iters, ridge=ridge)
   if causal:
     out, state = linear_attention(
       query_side,
@@ -120,5 +134,14 @@ def soft_attention(
     out = jnp.einsum("bthm,bhme->bthe", query_side, jnp.einsum("bshm,bshe->bhme", key_side, v32))
     state = None
   if normalize:
-    out = out[..., :-1] / jnp.maximum(out[..., -1:], eps)
+    if causal:
+      key_sums = jnp.cumsum(key_side, axis=1)
+      if initial_state is not None:  # its last column is Σ P̂_s over earlier tokens
+        key_sums = key_sums + initial_state[..., -1][:, None]
+    else:
+      key_sums = jnp.sum(key_side, axis=1, keepdims=True)
+    floor = xla.normalizer_floor(query_side, key_sums, eps)
+    out = out[..., :-1] / jnp.maximum(out[..., -1:], floor)
+    if state is not None:
+      state = state * to_units
   return out.astype(q.dtype), state

@@ -1,7 +1,8 @@
 """The oracle: SOFT's Nyström attention as an explicit T×T matrix.
 
 Ŝ = P (A + ridge·I)⁻¹ Pᵀ with a direct inverse (no Newton iterations, no
-linear-attention scan), masked, applied to V and optionally row-normalised.
+linear-attention scan), masked, applied to V and optionally row-normalised, the row sum floored at
+eps · Σ_a |(P A⁺)_ta| Σ_s P_sa as in the fast path.
 """
 
 from __future__ import annotations
@@ -34,5 +35,8 @@ def soft_attention(
     s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, 0.0)
   out = jnp.einsum("bhts,bshe->bthe", s, v)
   if normalize:
-    out = out / jnp.maximum(jnp.moveaxis(s.sum(-1), 1, 2), eps)[..., None]
+    key_sums = jnp.cumsum(p, axis=2) if causal else jnp.sum(p, axis=2, keepdims=True)
+    bound = jnp.sum(jnp.abs(jnp.einsum("bhtm,hmn->bhtn", p, a_inv)) * key_sums, -1)
+    floor = jnp.maximum(eps * bound, jnp.finfo(q.dtype).tiny)
+    out = out / jnp.moveaxis(jnp.maximum(s.sum(-1), floor), 1, 2)[..., None]
   return out

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 
-def gaussian_kernel(x: jax.Array, y: jax.Array) -> jax.Array:
-  """exp(−‖x_i − y_j‖² / (2√d)) over the last axis.
+def log_gaussian_kernel(x: jax.Array, y: jax.Array) -> jax.Array:
+  """−‖x_i − y_j‖² / (2√d) over the last axis.
 
   Args:
     x: [..., n, d]; y: [..., m, d] (leading axes broadcast).
@@ -28,7 +28,12 @@ def gaussian_kernel(x: jax.Array, y: jax.Array) -> jax.Array:
     + jnp.sum(y * y, -1)[..., None, :]
     - 2.0 * jnp.einsum("...nd,...md->...nm", x, y)
   )
-  return jnp.exp(-jnp.maximum(sq, 0.0) / (2.0 * d**0.5))
+  return -jnp.maximum(sq, 0.0) / (2.0 * d**0.5)
+
+
+def gaussian_kernel(x: jax.Array, y: jax.Array) -> jax.Array:
+  """exp(−‖x_i − y_j‖² / (2√d)): [..., n, d], [..., m, d] -> [..., n, m]."""
+  return jnp.exp(log_gaussian_kernel(x, y))
 
 
 def _newton_iterations(a: jax.Array, iters: int, ridge: float) -> jax.Array:
@@ -84,3 +89,49 @@ def nystrom_features(
   a_inv = newton_inverse(gaussian_kernel(landmarks, landmarks), newton_iters, ridge)
   query_side = jnp.einsum("bhtm,hmn->bthn", p, a_inv)
   return query_side, jnp.moveaxis(p, 1, 2)
+
+
+def rescaled_nystrom_features(
+  q: jax.Array, landmarks: jax.Array, *, newton_iters: int, ridge: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`nystrom_features` up to factors that cancel in a row-normalised output.
+
+  The kernel scales like exp(−‖q − l‖² / (2√d)), so as ‖q‖ grows P underflows
+  while every row's normalised weights stay well defined. Working in log
+  space, each query's row is divided by its own largest entry, and every key
+  by exp(r), r the largest log-kernel entry of the (batch, head): then
+  Ŝ_ts = c_t e^r (P̂ A⁺)_t · P̂_s with c_t > 0. Both factors leave the
+  normalised output unchanged, so they carry no gradient.
+
+  Args:
+    q: [batch, time, heads, head_dim] (in the compute dtype).
+    landmarks: [heads, num_landmarks, head_dim].
+
+  Returns:
+    (P̂ A⁺ [batch, time, heads, m], P̂ [batch, time, heads, m], r [batch, heads]).
+  """
+  log_p = log_gaussian_kernel(jnp.moveaxis(q, 2, 1), landmarks[None])  # [B, H, T, m]
+  row_peak = jax.lax.stop_gradient(jnp.max(log_p, -1, keepdims=True))
+  reference = jnp.max(row_peak, axis=(2, 3))  # [B, H]
+  a_inv = newton_inverse(gaussian_kernel(landmarks, landmarks), newton_iters, ridge)
+  query_side = jnp.einsum("bhtm,hmn->bthn", jnp.exp(log_p - row_peak), a_inv)
+  key_side = jnp.exp(log_p - reference[..., None, None])
+  return query_side, jnp.moveaxis(key_side, 1, 2), reference
+
+
+def normalizer_floor(query_side: jax.Array, key_sums: jax.Array, eps: float) -> jax.Array:
+  """eps · Σ_a |(P A⁺)_ta| Σ_s P_sa: a floor for the row sum Σ_s Ŝ_ts
+  relative to the size of the terms it sums, which A⁺'s negative entries can
+  cancel. Scale-free, unlike an absolute clamp.
+
+  Args:
+    query_side: [batch, time, heads, m] from `nystrom_features`.
+    key_sums: [batch, time or 1, heads, m] Σ_s P_s over the keys each query
+      sees (a cumulative sum when causal).
+
+  Returns:
+    [batch, time, heads, 1], never below the dtype's smallest normal number
+    (a row whose keys all underflow gives 0, not NaN).
+  """
+  bound = jnp.sum(jnp.abs(query_side) * key_sums, -1, keepdims=True)
+  return jnp.maximum(eps * bound, jnp.finfo(bound.dtype).tiny)
