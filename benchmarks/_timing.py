@@ -98,3 +98,52 @@ def write_results(stem: str, env: dict, payload: dict, markdown: str) -> tuple[p
   header = ", ".join(f"{k} {v}" for k, v in env.items())
   md_path.write_text(f"{markdown.rstrip()}\n\n_{header}_\n")
   return json_path, md_path
+
+
+class Recorder:
+  """Rows of one benchmark, each appended to a JSON-lines file and flushed at
+  once, so a run killed by its time limit (SIGTERM) keeps every finished row.
+
+  The file goes to $OUT when it is set (the device runner copies $OUT back)
+  and to benchmarks/results/ otherwise. SIGTERM ends the run through
+  SystemExit, so `finally` blocks still write the summary.
+  """
+
+  def __init__(self, stem: str, env: dict):
+    import os
+    import signal
+    import sys
+
+    folder = pathlib.Path(os.environ.get("OUT") or RESULTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
+    self.path = folder / f"{stem}_{device}_{env['date'][:10]}.jsonl"
+    self.rows: list[dict] = []
+    self._file = self.path.open("a")
+    self._write({"environment": env})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+  def _write(self, record: dict) -> None:
+    import os
+
+    self._file.write(json.dumps(record, default=str) + "\n")
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def add(self, row: dict) -> dict:
+    self.rows.append(row)
+    self._write(row)
+    return row
+
+
+class Budget:
+  """Seconds left of a phase: `budget.left()`, `budget.over()`."""
+
+  def __init__(self, seconds: float):
+    self.seconds, self.start = seconds, time.perf_counter()
+
+  def left(self) -> float:
+    return self.seconds - (time.perf_counter() - self.start)
+
+  def over(self) -> bool:
+    return self.left() <= 0

@@ -226,25 +226,40 @@ def run_gpu(args) -> None:
   plan = _gpu_plan(lengths, dims, variants)
   env = _timing.environment()
   print(f"{len(plan)} measurements on {env['device']} (jax {env['jax']})", flush=True)
+  recorder, budget = _timing.Recorder("attention_gpu", env), _timing.Budget(args.time_budget)
   start, rows, skipped, sweep = time.perf_counter(), [], [], []
-  if args.sweep:
-    for blocks in _sweep_candidates():
-      row = measure(
-        "softmax/pallas_gpu", "fwdbwd", max(1, args.tokens // 8192), 8192, args.width // 128, 128,
-        jnp.bfloat16, options=dict(blocks=blocks), min_seconds=args.min_seconds,
-      )  # fmt: skip
-      sweep.append(row)
+  is_target = lambda item: (item[2], item[3]) == (128, 8192)
+
+  def run(items):
+    for variant, mode, d, t in items:
+      if budget.over():
+        skipped.append(recorder.add(dict(variant=variant, mode=mode, d=d, t=t, status="SKIP")))
+        continue
+      heads, batch = args.width // d, max(1, args.tokens // t)
+      row = measure(variant, mode, batch, t, heads, d, jnp.bfloat16, min_seconds=args.min_seconds)
+      rows.append(recorder.add(row))
       shown = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["error"][:100]
-      print(f"sweep {blocks}: {shown}", flush=True)
-  for variant, mode, d, t in plan:
-    if time.perf_counter() - start > args.time_budget:
-      skipped.append(dict(variant=variant, mode=mode, d=d, t=t))
-      continue
-    heads, batch = args.width // d, max(1, args.tokens // t)
-    row = measure(variant, mode, batch, t, heads, d, jnp.bfloat16, min_seconds=args.min_seconds)
-    rows.append(row)
-    shown = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["error"][:100]
-    print(f"{variant:20s} {mode:6s} D={d:3d} T={t:5d}: {shown}", flush=True)
+      print(f"{variant:20s} {mode:6s} D={d:3d} T={t:5d}: {shown}", flush=True)
+
+  try:
+    run([item for item in plan if is_target(item)])  # the targets before any sweep
+    if args.sweep:
+      for blocks in _sweep_candidates():
+        if budget.left() < 0.5 * args.time_budget:
+          break  # the sweep may use at most half of the budget
+        row = measure(
+          "softmax/pallas_gpu", "fwdbwd", max(1, args.tokens // 8192), 8192, args.width // 128,
+          128, jnp.bfloat16, options=dict(blocks=blocks), min_seconds=args.min_seconds,
+        )  # fmt: skip
+        sweep.append(recorder.add(row))
+        shown = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["error"][:100]
+        print(f"sweep {blocks}: {shown}", flush=True)
+    run([item for item in plan if not is_target(item)])
+  finally:
+    _finish_gpu(rows, skipped, sweep, env, args, start)
+
+
+def _finish_gpu(rows, skipped, sweep, env, args, start) -> None:
   note = f"Run time {time.perf_counter() - start:.0f} s (budget {args.time_budget:.0f} s)"
   note += f"; {len(skipped)} configurations skipped for time." if skipped else "."
   markdown, ratios = _gpu_report(rows, env, note, args, sweep)
