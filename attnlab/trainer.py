@@ -223,11 +223,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   # 5. Restore from this workdir, or initialise directly sharded.
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   writer = metrics.MetricWriter(workdir, total_steps=config.total_steps, progress=config.progress)
-  latest = ckpt.latest_step()
+  latest, state = ckpt.restore_latest(
+    checkpoint.abstract_with_sharding(abstract_state, state_sharding), train_iter
+  )
+  for line in ckpt.skipped:  # damaged or unfinished checkpoints (also in the absl log)
+    writer.message(f"WARNING: {line}")
   if latest is not None:
-    state = ckpt.restore(
-      latest, checkpoint.abstract_with_sharding(abstract_state, state_sharding), train_iter
-    )
     writer.message(f"resumed from {ckpt.directory} at step {latest}")
   else:
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
