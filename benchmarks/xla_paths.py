@@ -21,6 +21,8 @@ part is the softmax path). Results: benchmarks/results/xla_paths_<device>_<date>
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
 import time
 
@@ -110,14 +112,14 @@ def measure(variant: str, t: int, rounds: int) -> dict:
 
 
 HEADER = (
-  "variant", "T", "fwd ours ms", "fwd dpa ms", "fwd ratio", "fwd+bwd ours ms",
+  "variant", "T", "rounds", "fwd ours ms", "fwd dpa ms", "fwd ratio", "fwd+bwd ours ms",
   "fwd+bwd dpa ms", "fwd+bwd ratio", "temp ours MiB", "temp dpa MiB",
 )  # fmt: skip
 
 
 def _table(rows: list[dict]) -> str:
   keys = (
-    "variant", "T", "fwd_ms_ours", "fwd_ms_theirs", "fwd_ratio", "fwdbwd_ms_ours",
+    "variant", "T", "rounds", "fwd_ms_ours", "fwd_ms_theirs", "fwd_ratio", "fwdbwd_ms_ours",
     "fwdbwd_ms_theirs", "fwdbwd_ratio", "temp_mib_ours", "temp_mib_theirs",
   )  # fmt: skip
   ordered = sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), r["T"]))
@@ -129,6 +131,18 @@ def _rounds(t: int, rounds: int, rounds_long: int) -> int:
   return rounds if t <= 1024 else (rounds + rounds_long) // 2 if t <= 2048 else rounds_long
 
 
+def _command(args) -> str:
+  return (
+    f"python -m benchmarks.xla_paths --lengths={args.lengths} --variants={args.variants} "
+    f"--rounds={args.rounds} --rounds_long={args.rounds_long}" + (" --merge" if args.merge else "")
+  )
+
+
+def _device(env: dict) -> str:
+  """The device part of `_timing.write_results`' file name."""
+  return re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="256,512,1024,2048,4096")
@@ -136,15 +150,25 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=7, help="rounds for T <= 1024")
   parser.add_argument("--rounds_long", type=int, default=3, help="rounds for T > 2048")
   parser.add_argument("--no_write", action="store_true")
+  parser.add_argument(
+    "--merge", action="store_true", help="keep today's other rows (e.g. a separate long-T run)"
+  )
   args = parser.parse_args()
   env = _timing.environment()
   config = {"batch": 1, "heads": HEADS, "kv_heads": 2, "head_dim": HEAD_DIM, "dtype": "float32"}
   config.update(rounds=args.rounds, rounds_long=args.rounds_long)
-  rows = []
+  rows, commands = [], [_command(args)]
+  previous = _timing.RESULTS / f"xla_paths_{_device(env)}_{env['date'][:10]}.json"
+  if args.merge and previous.exists():
+    old = json.loads(previous.read_text())
+    rows = old["rows"]
+    # A file from before commands were recorded: its run used the defaults.
+    default = f"python -m benchmarks.xla_paths --rounds={old['config'].get('rounds')}"
+    commands = old.get("commands", [default]) + commands
   for t in (int(x) for x in args.lengths.split(",")):
     for variant in args.variants.split(","):
       row = measure(variant, t, _rounds(t, args.rounds, args.rounds_long))
-      rows.append(row)
+      rows = [r for r in rows if (r["variant"], r["T"]) != (variant, t)] + [row]
       print(
         f"{variant:20s} T={t:5d}  fwd {row['fwd_ms_ours']:9.2f} / {row['fwd_ms_theirs']:9.2f} ms"
         f" = {row['fwd_ratio']:.2f}   fwd+bwd {row['fwdbwd_ms_ours']:9.2f} /"
@@ -157,11 +181,10 @@ def main() -> None:
           "# softmax-family XLA paths / jax.nn.dot_product_attention (causal, CPU)\n\n"
           "ratio = ours / dot_product_attention, median over alternating rounds "
           "(< 1: ours is faster); temp = XLA temporaries of the compiled fwd+bwd.\n"
-          f"Command: `python -m benchmarks.xla_paths --lengths={args.lengths} "
-          f"--rounds={args.rounds} --rounds_long={args.rounds_long}`; config {config}.\n\n"
-          + _table(rows)
+          f"Commands: {', '.join(f'`{c}`' for c in commands)}; config {config}.\n\n" + _table(rows)
         )
-        _timing.write_results("xla_paths", env, {"config": config, "rows": rows}, markdown)
+        payload = {"config": config, "commands": commands, "rows": rows}
+        _timing.write_results("xla_paths", env, payload, markdown)
   print(_table(rows))
 
 
