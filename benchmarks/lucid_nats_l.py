@@ -33,6 +33,8 @@ from attnlab import ops
 from attnlab.ops.nats_l import _sparse
 from benchmarks import _timing
 
+ALL_SECTIONS = "ratios,sweep,tpu_memory"
+
 
 def _normal(rng, shape, dtype):
   return jnp.asarray(rng.normal(size=shape), dtype)
@@ -88,7 +90,7 @@ def cpu(args) -> None:
   rng = np.random.default_rng(0)
   b, h, d, block = 1, 4, 64, 64
   rows = []
-  for t in args.lengths:
+  for t in args.lengths if "ratios" in args.sections else ():
     programs, _ = _programs(b, t, h, d, block, jnp.float32, 0.5, rng)
     times = {}
     for _repeat in range(args.repeats):  # interleaved repeats: the CPU is shared
@@ -105,7 +107,7 @@ def cpu(args) -> None:
   sweep = []
   t = args.sweep_length
   n = t // block
-  for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
+  for fraction in (0.0, 0.25, 0.5, 0.75, 1.0) if "sweep" in args.sections else ():
     programs, vis = _programs(b, t, h, d, block, jnp.float32, fraction, rng)
     fn, a = programs["block_sparse_softmax"]
     timing = _timing.time_fn(fn, a, min_runs=3, min_seconds=args.min_seconds)
@@ -120,7 +122,7 @@ def cpu(args) -> None:
     ))  # fmt: skip
     print(sweep[-1], flush=True)
 
-  tpu = _tpu_memory(args) if args.tpu_memory else []
+  tpu = _tpu_memory(args) if "tpu_memory" in args.sections else []
   md = [
     f"# LUCID and NAtS-L vs softmax, xla path, fwd+bwd (B={b}, H={h}, D={d}, block {block})\n",
     _timing.markdown_table(
@@ -163,8 +165,11 @@ def cpu(args) -> None:
         [[r["op"], r["t"], r["bh"], r["xla_temp_mib"], r["pallas_tpu_temp_mib"]] for r in tpu],
       ),
     ]
+  stem = "lucid_nats_l_cpu" + (
+    "" if args.sections == ALL_SECTIONS else "_" + args.sections.replace(",", "_")
+  )
   paths = _timing.write_results(
-    "lucid_nats_l_cpu", env, {"ratios": rows, "fraction_sweep": sweep, "tpu_memory": tpu},
+    stem, env, {"ratios": rows, "fraction_sweep": sweep, "tpu_memory": tpu},
     "".join(md),
   )  # fmt: skip
   print("\n".join(map(str, paths)))
@@ -176,6 +181,8 @@ def _tpu_memory(args) -> list[dict]:
   from jax.experimental import topologies
 
   try:
+    # Note: this libtpu's v5e memory_analysis reported 0 bytes of temporaries for the
+    # T=1024 programs (2026-11-30), though v5p reports them.
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
   except Exception as error:  # noqa: BLE001 - no libtpu: skip this section
     print("no TPU compiler:", error)
@@ -268,7 +275,7 @@ def main() -> None:
   parser.add_argument("--sweep_length", type=int, default=1024)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--min_seconds", type=float, default=0.5)
-  parser.add_argument("--tpu_memory", type=int, default=1)
+  parser.add_argument("--sections", default=ALL_SECTIONS)
   parser.add_argument("--gpu_lengths", type=int, nargs="+", default=[1024, 4096])
   parser.add_argument("--time_budget", type=float, default=90.0)
   args = parser.parse_args()
