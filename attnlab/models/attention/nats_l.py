@@ -202,25 +202,17 @@ class NAtSL(base.Mixer):
     def one_token(carry, inputs):
       qd, kd, vd, gd, bd, qa, ka, va, xt, pos = inputs
       offset = pos % size
-      o_delta, state = ops.gated_delta_rule(
-        qd[:, None], kd[:, None], vd[:, None], gd[:, None], bd[:, None],
-        initial_state=carry["state"], output_final_state=True, implementation="reference",
-      )  # fmt: skip
-      o_delta = o_delta[:, 0]
+      o_delta, state = ops.gated_delta_rule_step(qd, kd, vd, gd, bd, carry["state"])
 
       # Write this token into the head's current slot, then attend.
       current = slot_ids == carry["num_attn_blocks"][:, None, :]  # [B, S, Ha]
       here = current[:, :, None, :, None] & (offsets == offset)[None, None, :, None, None]
       k_slots = jnp.where(here, ka[:, None, None].astype(carry["k"].dtype), carry["k"])
       v_slots = jnp.where(here, va[:, None, None].astype(carry["v"].dtype), carry["v"])
-      earlier = slot_ids < carry["num_attn_blocks"][:, None, :]
-      visible = earlier[:, :, None, :] | (
-        current[:, :, None, :] & (offsets <= offset)[None, None, :, None]
-      )
-      logits = jnp.einsum("bhd,bschd->bsch", qa.astype(jnp.float32), k_slots.astype(jnp.float32))
-      logits = jnp.where(visible, logits * attn_scale, -jnp.inf)
-      p = jax.nn.softmax(logits.reshape(logits.shape[0], -1, self.attn_heads), axis=1)
-      o_attn = jnp.einsum("bnh,bnhd->bhd", p, v_slots.reshape(*p.shape, -1).astype(jnp.float32))
+      o_attn = ops.block_sparse_softmax_cached(
+        qa[:, None].astype(jnp.float32), k_slots, v_slots, carry["num_attn_blocks"], offset + 1,
+        scale=attn_scale,
+      )[:, 0]  # fmt: skip
 
       # Close the block: decide its type, keep or roll back its delta write.
       log_decay = carry["block_log_decay"] + gd
