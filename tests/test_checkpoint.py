@@ -274,3 +274,57 @@ def test_sigkill_during_an_async_save_resumes_to_the_same_losses(tmp_path):
     [got[s] for s in range(1, _TOTAL + 1)], [expected[s] for s in range(1, _TOTAL + 1)],
     rtol=1e-5,
   )  # fmt: skip
+
+
+def test_two_process_resume_gives_the_same_losses(tmp_path):
+  """Two processes on 127.0.0.1 (gloo): run 6 steps, drop the checkpoints of
+  steps 4 and 6, rerun; steps 3-6 are recomputed from step 2's checkpoint and
+  data position and give the same losses."""
+  from .test_multiprocess import _FLAGS as MP_FLAGS
+  from .test_multiprocess import _free_port
+  from .test_train import _rows
+
+  flags = [f for f in MP_FLAGS if not f.startswith("--config=")]
+  command = [sys.executable, "-m", "attnlab.train", "--config=configs/tiny.py:steps=6", *flags]
+  workdir = str(tmp_path / "multi")
+
+  def run_two_processes():
+    port = _free_port()
+    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [
+      subprocess.Popen(
+        [
+          *command,
+          f"--workdir={workdir}",
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )  # fmt: skip
+      for i in range(2)
+    ]
+    try:
+      results = [p.communicate(timeout=600) for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+    for p, (_, err) in zip(procs, results):
+      assert p.returncode == 0, err[-3000:]
+
+  run_two_processes()
+  first = {r["step"]: r["train/loss"] for r in _rows(workdir)}
+  assert sorted(first) == [1, 2, 3, 4, 5, 6]
+  for step in ("4", "6"):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+  rows_before = len(_rows(workdir))
+  run_two_processes()
+  again = _rows(workdir)[rows_before:]
+  assert [r["step"] for r in again] == [3, 4, 5, 6]
+  np.testing.assert_allclose(
+    [r["train/loss"] for r in again], [first[s] for s in (3, 4, 5, 6)], rtol=1e-5
+  )
