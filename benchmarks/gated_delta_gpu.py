@@ -8,7 +8,8 @@ Rows, in priority order (a time budget skips what does not fit, as SKIP rows):
 1. correctness at B=2, T=16K, H=16, D=128, bf16: our `pallas_gpu` output
    against fla's `chunk_gated_delta_rule` (torch + Triton) and against our
    xla path on the same inputs (max |Δ| / max |ref|);
-2. forward + backward at that shape: ours, fla, our xla path;
+2. forward + backward at that shape: ours, fla, a few launch settings of
+   ours (block_v, num_warps), our xla path;
 3. the crossover: forward + backward of ours against causal softmax
    attention (`softmax_attention(implementation='pallas_gpu' | 'cudnn')`) at
    T = 2K, 4K, 8K, 16K, same B, H, D.
@@ -45,6 +46,7 @@ from benchmarks import _timing  # noqa: E402
 B, H, D = 2, 16, 128
 T_MAIN = 16384
 CROSSOVER_T = (2048, 4096, 8192, 16384)
+SWEEP = ((32, 4), (64, 8), (128, 8))  # (block_v, num_warps) besides the default (64, 4)
 
 
 def _inputs(t: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -67,10 +69,10 @@ def _jax_args(x: dict) -> tuple:
   return (bf(x["q"]), bf(x["k"]), bf(x["v"]), jnp.asarray(x["g"]), jnp.asarray(x["beta"]))
 
 
-def _gdn(implementation: str):
+def _gdn(implementation: str, **options):
   def f(q, k, v, g, beta):
     if implementation == "pallas_gpu":  # the backend itself, whatever the api registers
-      o, _ = gdn_gpu.gated_delta_rule(q, k, v, g, beta, scale=D**-0.5, interpret=False)
+      o, _ = gdn_gpu.gated_delta_rule(q, k, v, g, beta, scale=D**-0.5, interpret=False, **options)
     else:
       o, _ = ops.gated_delta_rule(q, k, v, g, beta, implementation=implementation)
     return o
@@ -195,7 +197,11 @@ def main() -> None:
     fla, torch = _load_fla()
     fla_error = None
   except Exception as error:  # noqa: BLE001 - any import failure is reported, not fatal
-    fla, torch, fla_error = None, None, f"SKIP: fla does not import ({type(error).__name__}: {error})"
+    fla, torch, fla_error = (
+      None,
+      None,
+      f"SKIP: fla does not import ({type(error).__name__}: {error})",
+    )
 
   # 1. Correctness at the main shape.
   t = args.t_main
@@ -221,12 +227,30 @@ def main() -> None:
   report.add(row="gdn fwd+bwd", T=t, impl="pallas_gpu", ratio_vs_ours=1.0, **ours)
   if fla is not None and left() > 20:
     r = _fla_time(fla, torch, x)
-    report.add(row="gdn fwd+bwd", T=t, impl="fla", ratio_vs_ours=r["median_s"] / ours["median_s"], **r)
+    report.add(
+      row="gdn fwd+bwd", T=t, impl="fla", ratio_vs_ours=r["median_s"] / ours["median_s"], **r
+    )
   else:
     report.add(row="gdn fwd+bwd", T=t, impl="fla", note=fla_error or "SKIP: time budget")
+  # Launch settings of our kernel (the default above is block_v=64, num_warps=4).
+  for block_v, warps in SWEEP:
+    name = f"pallas_gpu block_v={block_v} warps={warps}"
+    if left() < 60:
+      report.add(row="gdn fwd+bwd", T=t, impl=name, note="SKIP: time budget")
+      continue
+    try:
+      f = _fwd_bwd(_gdn("pallas_gpu", block_v=block_v, num_warps=warps))
+      r = _timing.time_fn(f, (jargs, do), **timing)
+      report.add(
+        row="gdn fwd+bwd", T=t, impl=name, ratio_vs_ours=r["median_s"] / ours["median_s"], **r
+      )
+    except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+      report.add(row="gdn fwd+bwd", T=t, impl=name, note=f"FAILED: {error!r}"[:300])
   if left() > 40:
     r = _timing.time_fn(_fwd_bwd(_gdn("xla")), (jargs, do), **timing)
-    report.add(row="gdn fwd+bwd", T=t, impl="xla", ratio_vs_ours=r["median_s"] / ours["median_s"], **r)
+    report.add(
+      row="gdn fwd+bwd", T=t, impl="xla", ratio_vs_ours=r["median_s"] / ours["median_s"], **r
+    )
   else:
     report.add(row="gdn fwd+bwd", T=t, impl="xla", note="SKIP: time budget")
   del jargs
