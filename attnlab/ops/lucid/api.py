@@ -16,7 +16,9 @@ _VALUES = _dispatch.Dispatch(
   op="lucid_values",
   package="attnlab.ops.lucid",
   implementations=("xla", "reference", *_KERNELS),
-  preferred={"tpu": ("pallas_tpu",), "gpu": ("pallas_gpu",)},
+  # GPU stays on xla under None for now: on an H200 the Triton solve kernel took 39 s to
+  # compile (forward alone) and its speed against xla is not measured yet.
+  preferred={"tpu": ("pallas_tpu",)},
   eligible=lambda impl, arrays: _kernel_fits(impl, *arrays[:2]),
 )
 
@@ -59,8 +61,8 @@ def lucid_values(
       preconditioned values, [batch, cache_len, kv_heads, ...]; the first
       `context_length` rows are valid and precede the new tokens.
     block_size: rows per forward-substitution block; any T works.
-    implementation: None (the compile target's kernel where it fits, else
-      'xla'), 'xla' (blocked solve, custom VJP),
+    implementation: None ('pallas_tpu' when compiling for TPU and the
+      sequence fits in VMEM, else 'xla'), 'xla' (blocked solve, custom VJP),
       'reference' (the token recurrence), or 'pallas_tpu' / 'pallas_gpu'
       (one program per (batch, kv head) solving the whole sequence in the
       kernel, custom VJP by the transposed solve; interpreted off their
@@ -79,11 +81,12 @@ def lucid_values(
   impl = _VALUES.choose(implementation, k, v)
   dtype = _dtypes.compute_dtype(k, v)
   cast = lambda a: None if a is None else jnp.asarray(a, dtype)
-  if impl in _KERNELS:
-    return _VALUES.module(impl).preconditioned_values(
-      cast(k), cast(v), eps=eps, block_size=block_size, context_keys=cast(context_keys),
-      context_values=cast(context_values), context_length=context_length, **kernel_options,
+  if impl in _KERNELS:  # one kernel call per batch shard under a mesh
+    solve = lambda k, v, ck, cv: _VALUES.module(impl).preconditioned_values(
+      k, v, eps=eps, block_size=block_size, context_keys=ck, context_values=cv,
+      context_length=context_length, **kernel_options,
     )  # fmt: skip
+    return _dispatch.per_shard(solve, *map(cast, (k, v, context_keys, context_values)))
   return _IMPLEMENTATIONS[impl].preconditioned_values(
     cast(k),
     cast(v),
