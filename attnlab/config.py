@@ -124,7 +124,11 @@ def base_config() -> ConfigDict:
   o.eps = 1e-8
   o.clip_norm = 1.0
   o.grad_accum_steps = 1
-  o.temperature_lr = 0.0  # peak lr of temperature parameters (SSA); 0: same as lr
+  # Peak lr of temperature parameters (SSA's α, u); 0: same as lr. The official
+  # SSA recipe gives its temperature its own, larger rate (beta_lr 1e-2 against a
+  # base lr of 1e-5, umich-sota/selective_attention full_bindata_finetune.py): at
+  # the base lr the position slope σ(α) barely leaves its α₀ = −7 start.
+  o.temperature_lr = 1e-2
   return c
 
 
@@ -164,7 +168,11 @@ def pretraining(config: ConfigDict, *, tokenizer: str, dataset: str) -> ConfigDi
 
 
 def finalize(config: ConfigDict) -> ConfigDict:
-  """Ties values that must agree (model vocab = data vocab) and locks."""
-  config.model.vocab_size = config.data.vocab_size
+  """Ties values that must agree (model vocab = data vocab) and locks.
+
+  The model's vocabulary is a reference to the data's, so command-line
+  overrides applied later (`--config.data.vocab_size=300`) reach the model too.
+  """
+  config.model.vocab_size = config.data.get_ref("vocab_size")
   config.lock()
   return config

@@ -65,6 +65,8 @@ def make_steps(config: ConfigDict, graphdef: Any, tx: optax.GradientTransformati
 
   def loss_sums(params, batch):
     model = nnx.merge(graphdef, params)
+    # Mixers sow statistics only when asked (their state stays fixed otherwise).
+    model.set_attributes(collect_statistics=True, raise_if_not_found=False)
     sums = weighted_sums(model(batch["inputs"]), batch)
     return sums["ce"], (sums, layer_statistics(model))
 

@@ -1,11 +1,16 @@
 """Gated DeltaNet at ~1.4B parameters: fla's GatedDeltaNetConfig defaults
 (hidden 2048, 21 layers, 6 heads of 256, expand_v 2, SwiGLU 5632, untied).
 
-    python -m attnlab.train --config=configs/gated_deltanet_1b.py \
+    python -m attnlab.train \
+        --config=configs/gated_deltanet_1b.py:tokenizer=/path/spm32000.model \
         --workdir=gs://BUCKET/gdn_1b --config.data.data_dir=gs://BUCKET/tensorflow_datasets \
         --distributed
 
 Data as in configs/softmax_1b.py.
+Tokenizer: a SentencePiece model of 32000 pieces, passed as :tokenizer=PATH;
+`python -m attnlab.data.prepare --source_dir=DIR --train_tokenizer=32000` trains one
+on a directory of .txt files (DATA_DIR/spm32000.model). The byte default is
+rejected when the data pipeline is built (257 ids, 32000 rows).
 Arguments: tokenizer=<path>, dataset=<tfds name>.
 """
 

@@ -3,11 +3,17 @@ experiments/configs/natsl_340M.json): hidden 1024, 21 layers, Gated DeltaNet
 layers with 6 heads of 128 (expand_v 2) and NAtS-L at layers 3, 7, 11, 15, 19
 and 20 with 12 softmax heads and 64-token blocks; SwiGLU 2816, untied.
 
-    python -m attnlab.train --config=configs/nats_l_340m.py --workdir=gs://BUCKET/nats_l_340m \
+    python -m attnlab.train \
+        --config=configs/nats_l_340m.py:tokenizer=/path/spm32000.model \
+        --workdir=gs://BUCKET/nats_l_340m \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets --distributed
 
 The released recipe trains 20480 steps of 524,288 tokens at seq_len 4096,
 lr 3e-4 with 1024 warmup steps.
+Tokenizer: a SentencePiece model of 32000 pieces, passed as :tokenizer=PATH;
+`python -m attnlab.data.prepare --source_dir=DIR --train_tokenizer=32000` trains one
+on a directory of .txt files (DATA_DIR/spm32000.model). The byte default is
+rejected when the data pipeline is built (257 ids, 32000 rows).
 Arguments: tokenizer=<path>, dataset=<tfds name>.
 """
 

@@ -82,3 +82,75 @@ def test_saved_configs_from_older_versions_load_with_new_defaults(tmp_path):
   loaded = generate.load_config(str(tmp_path))
   assert loaded.model.d_model == 96  # saved values win
   assert loaded.model.canon_conv == 0 and loaded.model.scan_layers is False
+
+
+def test_data_vocab_override_on_the_command_line_reaches_the_model():
+  """`--config.data.vocab_size=300` on configs/tiny.py (64 in the file): the
+  model's vocabulary is derived after overrides, through attnlab.train's flag."""
+  import jax
+  from absl import flags
+  from flax import nnx
+  from ml_collections import config_flags
+
+  from attnlab.models import build_model
+
+  argv = ["train", f"--config={REPO}/configs/tiny.py", "--config.data.vocab_size=300"]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file(
+    "config", None, flag_values=values, lock_config=True, sys_argv=argv
+  )
+  values(argv)
+  config = values[holder.name].value
+  assert config.data.vocab_size == 300 and config.model.vocab_size == 300
+  model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
+  shapes = {jax.tree_util.keystr(p): v.shape for p, v in nnx.to_flat_state(nnx.state(model))}
+  embedding = [shape for name, shape in shapes.items() if "embedding" in name]
+  assert embedding and all(shape[0] == 300 for shape in embedding), shapes
+  assert '"vocab_size": 300' in config.to_json_best_effort(indent=1).replace("\n", "")
+
+
+def test_byte_tokenizer_with_a_32k_vocabulary_is_an_error_when_data_is_built():
+  import attnlab.data
+  from attnlab.data import tokenizers
+
+  config = _load_config("lucid_1b")  # the byte default and vocab_size 32000
+  with pytest.raises(ValueError, match="byte tokenizer.*train_tokenizer=32000"):
+    attnlab.data.make_dataset(config.data, seed=0, train=True)
+  byte = tokenizers.ByteTokenizer()
+  tokenizers.check_vocab_size(byte, 264)  # padding to a round size is fine
+  with pytest.raises(ValueError, match="257 tokens"):
+    tokenizers.check_vocab_size(byte, 200)
+
+
+def test_prepare_trains_a_sentencepiece_tokenizer(tmp_path):
+  from attnlab.data import tokenizers
+
+  from .conftest import SHAKESPEARE
+
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for path in sorted(SHAKESPEARE.glob("*.txt"))[:2]:
+    (corpus / path.name).write_text(path.read_text())
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "attnlab.data.prepare",
+      f"--source_dir={corpus}",
+      f"--data_dir={tmp_path / 'data'}",
+      "--train_tokenizer=512",
+      "--nobuild_dataset",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert run.returncode == 0, run.stderr
+  tokenizer = tokenizers.get_tokenizer(str(tmp_path / "data" / "spm512.model"))
+  assert tokenizer.vocab_size == 512 and tokenizer.eos_id == 2
+  text = "ROMEO: But soft, what light through yonder window breaks? 1599 ❦"
+  ids = tokenizer.encode(text)
+  assert tokenizer.decode(ids) == text  # byte fallback: nothing is lost
+  assert len(ids) < len(text.encode()) / 1.5  # merges learned from the corpus
+  tokenizers.check_vocab_size(tokenizer, 512)

@@ -6,6 +6,7 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -141,12 +142,15 @@ def test_scanned_layers_equal_unrolled_layers(variant):
   np.testing.assert_allclose(scanned(tokens), want, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(_decode_all(scanned, tokens, 5), want, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(scanned.layer(2)(want[..., :32]), unrolled.blocks[2](want[..., :32]))
-  # Sown per-layer statistics keep their layer names.
+  # Sown per-layer statistics keep their layer names; nothing is sown unless asked.
   for model in (scanned, unrolled):
-    nnx.pop(model, nnx.Intermediate)  # drop what earlier calls sowed
+    assert not nnx.state(model, nnx.Intermediate)
+    model.set_attributes(collect_statistics=True, raise_if_not_found=False)
     model(tokens)
   stats, want_stats = trainer.layer_statistics(scanned), trainer.layer_statistics(unrolled)
   assert stats.keys() == want_stats.keys()
+  if variant == "nats_l":
+    assert sorted(stats) == [f"layer_{i}/attn_block_fraction" for i in range(3)]
   for key in stats:
     np.testing.assert_allclose(stats[key], want_stats[key], atol=1e-6)
   with pytest.raises(ValueError, match="same variant"):
@@ -406,3 +410,49 @@ def test_ssa_extra_parameters_stay_under_half_a_percent_and_use_their_own_lr():
   layer = updates["blocks"][0]["mixer"]
   np.testing.assert_allclose(layer["ssa_alpha"][...], -1e-1, rtol=1e-3)
   np.testing.assert_allclose(layer["out"]["kernel"][...].max(), -1e-3, rtol=1e-3)
+
+
+# Small enough that every variant's options fit (blocks and chunks of 4 tokens).
+_LOOP_OPTIONS = {
+  "gated_deltanet": dict(chunk_size=4),
+  "nats_l": dict(block_size=4),
+  "lucid": dict(block_size=4),
+  "soft": dict(num_landmarks=4, chunk_size=4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", attention.names())
+def test_plain_nnx_training_loop_compiles_once(variant):
+  """The loop the flax docs teach: nnx.jit over nnx.value_and_grad and
+  nnx.Optimizer.update. A mixer that sowed on every call would grow the
+  model's state each step and retrace every step (issue 17)."""
+  cfg = _model_config(
+    attention=variant, d_model=16, num_heads=2, mlp_dim=32, vocab_size=16, num_layers=1
+  )
+  for name, values in _LOOP_OPTIONS.items():
+    cfg.mixer[name].update(values)
+  model = build_model(cfg, nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  traces = []
+
+  @nnx.jit
+  def train_step(model, optimizer, tokens):
+    traces.append(1)  # runs only while tracing
+
+    def loss_fn(model):
+      logits = model(tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  rng = np.random.default_rng(0)
+  structure = jax.tree.structure(nnx.state(model))
+  losses = [
+    float(train_step(model, optimizer, jnp.asarray(rng.integers(0, 16, (2, 9))))) for _ in range(3)
+  ]
+  assert len(traces) == 1, f"{variant}: traced {len(traces)} times in 3 steps"
+  assert jax.tree.structure(nnx.state(model)) == structure  # nothing accumulates
+  assert all(np.isfinite(losses))

@@ -283,3 +283,21 @@ def test_evaluate_applies_config_overrides_to_the_saved_run(tmp_path):
     cmd + ["--config.model.mixer.softplus.powr=15"], cwd=REPO, capture_output=True, text=True
   )
   assert typo.returncode != 0 and "powr" in typo.stderr
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_train_step_reports_nats_l_block_fraction_per_layer(scan):
+  """The trainer asks the mixers for their statistics inside its step (they
+  are off by default, so the model's state stays fixed elsewhere)."""
+  from attnlab import train_state
+
+  c = _tiny(**{"model.attention": "nats_l", "model.scan_layers": scan})
+  c.model.mixer.nats_l.block_size = 8
+  graphdef, init, tx = train_state.initializer(c)
+  state = init(jax.random.key(0))
+  train_step, _ = trainer.make_steps(c, graphdef, tx)
+  batch = next(iter(attnlab.data.make_dataset(c.data, seed=0, train=True)))
+  _, step_metrics = jax.jit(train_step)(state, batch)
+  names = sorted(k for k in step_metrics if k.endswith("attn_block_fraction"))
+  assert names == [f"train/layer_{i}/attn_block_fraction" for i in range(c.model.num_layers)]
+  assert all(0.0 <= float(step_metrics[k]) <= 1.0 for k in names)

@@ -68,10 +68,7 @@ def lm_dataset(
 ) -> grain.IterDataset:
   """Batches of packed {inputs, targets, weights} windows of length seq_len."""
   tokenizer = tokenizers.get_tokenizer(data.tokenizer)
-  if tokenizer.vocab_size > data.vocab_size:
-    raise ValueError(
-      f"tokenizer has {tokenizer.vocab_size} tokens but data.vocab_size is {data.vocab_size}"
-    )
+  tokenizers.check_vocab_size(tokenizer, data.vocab_size)
   source = open_source(data, tfds.even_splits(split, process_count)[process_index])
   ds = grain.MapDataset.source(source)
   if train:

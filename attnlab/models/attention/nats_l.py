@@ -31,6 +31,13 @@ regulariser (the released code has none); the attention-block fraction is
 logged over all blocks, including an incomplete last one; the scorer and the
 merge-weight projection are bias-free like every other projection here.
 
+The attention-block fraction is sown as nnx.Intermediate only when the
+mixer's `collect_statistics` is set (`model.set_attributes(
+collect_statistics=True, raise_if_not_found=False)`, as attnlab.trainer does
+inside its step, then pops them). Off by default: sow appends to a tuple, so
+a model that sowed on every call would change its state structure each step
+and recompile in a plain nnx.jit training loop.
+
 Decoding keeps the block-aware cache: compacted per-head KV slots holding only
 attention-typed blocks plus the current one (valid because the softmax path
 is NoPE), the running delta state and its snapshot at the block start, the
@@ -119,6 +126,7 @@ class NAtSL(base.Mixer):
     self.o_proj = layers.dense(value_dim, d, ("heads", "embed"), dtype=dt, rngs=rngs)
     self.block_size = options.block_size
     self.implementation = options.implementation
+    self.collect_statistics = False  # opt-in: see the module docstring
 
   def _views(self, x: jax.Array, conv_states):
     """Both head views of the shared projections, for every token of x."""
@@ -171,7 +179,8 @@ class NAtSL(base.Mixer):
       block_size=self.block_size,
       implementation=self.implementation,
     )
-    self.sow(nnx.Intermediate, "attn_block_fraction", jnp.mean(hard[..., ATTENTION]))
+    if self.collect_statistics:
+      self.sow(nnx.Intermediate, "attn_block_fraction", jnp.mean(hard[..., ATTENTION]))
     return self._output(x, o_delta, o_attn, merge)
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict:

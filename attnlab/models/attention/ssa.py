@@ -21,7 +21,8 @@ added. τ stays positive (τ_pos ≥ 1, |tanh| < 1). α starts at −7 (slope
 σ(α) ≈ 9e-4) and u at 0, so SSA starts as vanilla attention, as the official
 init intends. New parameters per layer: 1 + (H + Hkv)·D, under 0.5% of a
 layer for any d_model ≥ 128. They are the `temperature` group, trained with
-`optim.temperature_lr` (the paper's fine-tuning recipe gives them their own lr).
+`optim.temperature_lr`, 1e-2 by default as in the official recipe (beta_lr
+1e-2, full_bindata_finetune.py; 1e-4 in full_gpt2_PTS.py), whatever the base lr.
 """
 
 from __future__ import annotations
