@@ -11,8 +11,12 @@ NaN/Inf, forward and backward, on the inputs each op is most sensitive to.
   of no decay (g = 0) and of near-total decay (g = −30: e^{Σg} underflows
   inside a chunk).
 
-CI runs the smallest size that shows each property; `-m long` runs T = 8K and
-32K (minutes on a CPU). `python -m pytest -s` prints every measured error.
+CI runs the smallest size that shows each property; T = 8K and 32K run only
+with `-m long` (minutes each on a CPU):
+
+    python -m pytest -s -m long tests/test_numerics.py
+
+`-s` prints every measured error.
 """
 
 import jax
@@ -52,6 +56,14 @@ def _compare(name, fn, arrays, fwd_bound, grad_bound):
   assert errors[0] <= fwd_bound, (name, errors)
   assert max(errors[1:]) <= grad_bound, (name, errors)
   return errors
+
+
+@pytest.fixture(autouse=True)
+def _long_only_when_asked(request):
+  """The T = 8K/32K cases take minutes each on a CPU: they run only when the
+  marker expression names them (`-m long`), never in the plain suite."""
+  if request.node.get_closest_marker("long") and "long" not in request.config.option.markexpr:
+    pytest.skip("long-context case; run with -m long")
 
 
 def _sizes(ci, *long):
