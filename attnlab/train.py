@@ -10,7 +10,7 @@ Rerunning the same command resumes from the workdir's latest checkpoint.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from attnlab import trainer
+from attnlab import trainer, validate
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, optionally with :key=value,... arguments.", lock_config=True
@@ -44,7 +44,15 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  try:  # a config file that does not exist or does not load raises on first use
+    config.get("seed")
+  except OSError as e:
+    raise app.UsageError(str(e)) from e
+  try:
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+  except validate.ConfigError as e:  # a bad config or workdir: the message, not a traceback
+    raise app.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":

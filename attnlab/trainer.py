@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from attnlab import checkpoint, data, flops, metrics, optim, sharding, train_state
+from attnlab import checkpoint, data, flops, metrics, optim, sharding, train_state, validate
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -183,6 +183,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   Returns the last logged train and eval metrics.
   """
   workdir = os.path.abspath(workdir)
+  validate.check_run(config, workdir)  # bad input fails here, before any compute
   rules = sharding.config_rules(config.sharding_rules)
 
   # 1. Mesh.

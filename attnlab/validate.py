@@ -1,0 +1,157 @@
+"""Checks a run's config and surroundings before anything is built or compiled.
+
+`check_run(config, workdir)` is called first thing by
+`trainer.train_and_evaluate`: a bad config fails in a second with a message
+naming the field and the fix, instead of deep inside model construction,
+tracing or a TFDS reader minutes later.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import jax
+from ml_collections import ConfigDict
+
+from attnlab.models.attention import registry
+
+
+class ConfigError(ValueError):
+  """The run's config or environment cannot work; the message says why."""
+
+
+def layer_names(model: ConfigDict) -> list[str]:
+  """The variant names of `model.layer_pattern` (or `model.attention`)."""
+  pattern = [p.strip() for p in str(model.layer_pattern).split(",") if p.strip()]
+  return pattern or [model.attention]
+
+
+def check_model(model: ConfigDict) -> None:
+  heads, kv_heads = model.num_heads, model.num_kv_heads or model.num_heads
+  if heads < 1 or kv_heads < 1:
+    raise ConfigError(f"model.num_heads={heads} and num_kv_heads={kv_heads} must be positive")
+  if model.head_dim is None and model.d_model % heads:
+    raise ConfigError(
+      f"model.num_heads={heads} does not divide model.d_model={model.d_model}; "
+      "change one, or set model.head_dim explicitly"
+    )
+  if heads % kv_heads:
+    raise ConfigError(
+      f"model.num_kv_heads={kv_heads} does not divide model.num_heads={heads} (GQA groups)"
+    )
+  names = layer_names(model)
+  unknown = sorted({n for n in names if n not in registry.names()})
+  if unknown:
+    raise ConfigError(
+      f"unknown attention variant(s) {unknown} in model.layer_pattern/model.attention; "
+      f"registered: {registry.names()}"
+    )
+  if model.num_layers % len(names):
+    raise ConfigError(
+      f"model.layer_pattern has {len(names)} entries, which does not divide "
+      f"model.num_layers={model.num_layers}"
+    )
+  if model.scan_layers and len(set(names)) > 1:
+    raise ConfigError(
+      f"model.scan_layers needs every layer to be the same variant, got {sorted(set(names))}; "
+      "set model.scan_layers=False for a mixed layer_pattern"
+    )
+  for name in sorted(set(names)):
+    options = model.mixer[name] if name in model.mixer else {}
+    for key in ("chunk_size", "block_size"):
+      if key in options:
+        value = options[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+          raise ConfigError(
+            f"model.mixer.{name}.{key}={value!r}: the op takes a positive integer "
+            "(any value works with any sequence length)"
+          )
+
+
+def _mesh_batch_ways(mesh: ConfigDict, devices: int) -> tuple[dict, int]:
+  """Mesh sizes with -1 filled in, and how many ways the batch is split."""
+  sizes = {axis: int(mesh.get(axis, 1)) for axis in ("data", "fsdp", "tensor")}
+  unknown = [a for a, s in sizes.items() if s == -1]
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if len(unknown) > 1 or any(s < 1 and s != -1 for s in sizes.values()):
+    raise ConfigError(f"config.mesh={sizes}: sizes must be positive, at most one may be -1")
+  if unknown:
+    if devices % known:
+      raise ConfigError(f"config.mesh={sizes} does not divide the {devices} devices")
+    sizes[unknown[0]] = devices // known
+  if math.prod(sizes.values()) > devices:
+    raise ConfigError(
+      f"config.mesh={sizes} needs {math.prod(sizes.values())} devices; {devices} available"
+    )
+  return sizes, sizes["data"] * sizes["fsdp"]
+
+
+def check_batch(config: ConfigDict, devices: int, processes: int) -> None:
+  sizes, ways = _mesh_batch_ways(config.mesh, devices)
+  accum = config.optim.grad_accum_steps
+  for field in ("batch_size", "eval_batch_size"):
+    size = config.data[field]
+    if size % ways or size % processes:
+      raise ConfigError(
+        f"data.{field}={size} does not divide over the mesh's batch axes "
+        f"(data × fsdp = {sizes['data']} × {sizes['fsdp']} = {ways}) and {processes} "
+        "process(es); choose a multiple of both"
+      )
+  if accum < 1 or config.data.batch_size % (accum * ways):
+    raise ConfigError(
+      f"data.batch_size={config.data.batch_size} does not split into "
+      f"optim.grad_accum_steps={accum} microbatches of a multiple of {ways} (data × fsdp)"
+    )
+
+
+def check_data(data: ConfigDict) -> None:
+  if data.task != "tfds":
+    return
+  if data.tokenizer != "byte" and not os.path.isfile(data.tokenizer):
+    raise ConfigError(f"data.tokenizer={data.tokenizer!r} is neither 'byte' nor a file")
+  from attnlab.data import tokenizers  # only text runs need it
+
+  try:
+    tokenizers.check_vocab_size(tokenizers.get_tokenizer(data.tokenizer), data.vocab_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if data.prepare_from:
+    source = data.prepare_from
+    if not os.path.isdir(source):
+      raise ConfigError(f"data.prepare_from={source!r} is not a directory")
+    if not any(name.endswith(".txt") for _, _, names in os.walk(source) for name in names):
+      raise ConfigError(f"data.prepare_from={source!r} holds no .txt files")
+  elif data.data_dir is not None:
+    if not os.path.isdir(data.data_dir):
+      raise ConfigError(f"data.data_dir={data.data_dir!r} does not exist")
+    if not os.listdir(data.data_dir):
+      raise ConfigError(
+        f"data.data_dir={data.data_dir!r} is empty; prepare {data.tfds_name!r} there first "
+        f"(tfds build {data.tfds_name} --data_dir=... --file_format=array_record, or "
+        "python -m attnlab.data.prepare for .txt files)"
+      )
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves it writable with a probe file."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe"):
+      pass
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from e
+
+
+def check_run(config: ConfigDict, workdir: str) -> None:
+  """Every check above, in the order a user would want to hear about them."""
+  if config.model.vocab_size != config.data.vocab_size:
+    raise ConfigError(
+      f"model.vocab_size={config.model.vocab_size} differs from "
+      f"data.vocab_size={config.data.vocab_size}"
+    )
+  check_model(config.model)
+  check_batch(config, jax.device_count(), jax.process_count())
+  check_data(config.data)
+  check_workdir(workdir)
