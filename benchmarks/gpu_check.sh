@@ -48,7 +48,7 @@ phase attention "${BENCH_TIMEOUT:-170}" python3 -m benchmarks.attention --mode=g
   --time_budget="${BENCH_BUDGET:-140}" --min_seconds="${BENCH_MIN_SECONDS:-0.2}" \
   --lengths="${BENCH_LENGTHS:-1024,2048,4096,8192,16384,32768}" --dims="${BENCH_DIMS:-128,64}"
 [ -f benchmarks/gated_delta_gpu.py ] && phase gdn "${GDN_TIMEOUT:-120}" \
-  python3 -m benchmarks.gated_delta_gpu --time_budget="${GDN_BUDGET:-100}"
+  python3 -m benchmarks.gated_delta_gpu --budget_s="${GDN_BUDGET:-100}"
 [ -f benchmarks/lucid_nats_l.py ] && phase lucid_nats_l "${LN_TIMEOUT:-75}" \
   python3 -m benchmarks.lucid_nats_l --mode=gpu --time_budget="${LN_BUDGET:-60}"
 if [ "${RUN_PYTEST:-0}" = "1" ]; then
