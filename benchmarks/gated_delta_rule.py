@@ -21,12 +21,21 @@ Three forward implementations on the same float32 inputs, in one process:
 Every implementation is checked against `after` before timing. The fitted
 exponent is the slope of log(time) against log(T). Results go to
 benchmarks/results/gated_delta_rule_<device>_<date>.{md,json}.
+
+`--clock=cpu` (the default) runs XLA:CPU on one thread and times the
+process's CPU seconds per call, which stays meaningful on a CPU shared with
+other jobs (wall time there mostly measures the others); `--clock=wall` is
+the usual median wall time with XLA's own threading. The implementations
+alternate within every round, so drift hits all of them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +200,21 @@ def _fwd_bwd(fn):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
+def _measure(fns: dict, args, clock: str, rounds: int) -> dict:
+  """Median seconds per call of each fn, alternating the fns within every round."""
+  tick = time.process_time if clock == "cpu" else time.perf_counter
+  for fn in fns.values():  # compile and warm up
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+  samples = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = tick()
+      jax.block_until_ready(fn(*args))
+      samples[name].append(tick() - start)
+  return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=1)
@@ -200,52 +224,68 @@ def main() -> None:
   parser.add_argument("--seq_lens", default="512,1024,2048,4096,8192")
   parser.add_argument("--modes", default="fwd,fwd_bwd")
   parser.add_argument("--impls", default="before,after,maxtext_style")
-  parser.add_argument("--min_runs", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+  parser.add_argument(
+    "--max_fwd_bwd_elements",
+    type=float,
+    default=2.2e6,
+    help="skip fwd_bwd cells with T*K above this (CPU time)",
+  )
   parser.add_argument("--stem", default="gated_delta_rule")
   args = parser.parse_args()
-  env = _timing.environment()
+  if args.clock == "cpu":  # before the backend starts: one XLA:CPU thread
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
+  env = {**_timing.environment(), "clock": args.clock}
   impls = args.impls.split(",")
   seq_lens = [int(x) for x in args.seq_lens.split(",")]
   rows, table = [], []
-  for d, mode in itertools.product(
-    (int(x) for x in args.head_dims.split(",")), args.modes.split(",")
-  ):
+  head_dims = [int(x) for x in args.head_dims.split(",")]
+  for d, mode in itertools.product(head_dims, args.modes.split(",")):
     times = {i: [] for i in impls}
-    for t in seq_lens:
+    lens = [t for t in seq_lens if mode == "fwd" or t * d <= args.max_fwd_bwd_elements]
+    for t in lens:
       inputs = _inputs(args.batch, t, args.heads, args.heads * args.group, d, d)
       reference = np.asarray(after(*inputs)[0])
-      cell = {}
+      errors = {}
       for name in impls:
-        fn = IMPLEMENTATIONS[name]
-        err = float(np.max(np.abs(np.asarray(fn(*inputs)[0]) - reference)))
-        if err > 1e-3:
-          raise AssertionError(f"{name} disagrees with 'after' by {err:.2e} at K={d}, T={t}")
-        wrapped = (_forward if mode == "fwd" else _fwd_bwd)(fn)
-        stats = _timing.time_fn(wrapped, inputs, warmup=1, min_runs=args.min_runs, min_seconds=0.5)
-        cell[name] = stats["median_s"]
-        times[name].append(stats["median_s"])
-        rows.append(
-          {"K": d, "V": d, "T": t, "mode": mode, "impl": name, "max_abs_diff": err, **stats}
+        errors[name] = float(
+          np.max(np.abs(np.asarray(IMPLEMENTATIONS[name](*inputs)[0]) - reference))
         )
+        if errors[name] > 1e-3:
+          raise AssertionError(
+            f"{name} disagrees with 'after' by {errors[name]:.2e} (K={d}, T={t})"
+          )
+      wrap = _forward if mode == "fwd" else _fwd_bwd
+      cell = _measure({n: wrap(IMPLEMENTATIONS[n]) for n in impls}, inputs, args.clock, args.rounds)
+      for name in impls:
+        times[name].append(cell[name])
+        rows.append(
+          {"K": d, "V": d, "T": t, "mode": mode, "impl": name, "seconds": cell[name],
+           "max_abs_diff_vs_after": errors[name]}
+        )  # fmt: skip
       ratios = [
         cell[n] / cell["after"] if n in cell and "after" in cell else None
         for n in ("before", "maxtext_style")
       ]
       table.append([f"{d}", mode, t, *(cell[i] * 1e3 for i in impls), *ratios])
       print(
-        " | ".join(str(x if not isinstance(x, float) else f"{x:.3g}") for x in table[-1]),
-        flush=True,
+        " | ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in table[-1]), flush=True
       )
-    for name in impls:
-      table.append([f"{d}", mode, "exponent", *([None] * len(impls)), None, None])
-      table[-1][3 + impls.index(name)] = _timing.fit_exponent(seq_lens, times[name])
+    if len(lens) > 1:
+      exponents = [_timing.fit_exponent(lens, times[name]) for name in impls]
+      table.append([f"{d}", mode, "exponent", *exponents, None, None])
   header = ["K=V", "mode", "T", *(f"{i} ms" for i in impls), "before/after", "maxtext_style/after"]
   markdown = (
     f"# Gated delta rule, XLA path: before / after / MaxText-style\n\n"
     f"`python -m benchmarks.gated_delta_rule {' '.join(f'--{k}={v}' for k, v in vars(args).items())}`\n\n"
     f"B={args.batch}, H={args.heads} q/k heads x {args.group} value heads each, C=64, float32, "
-    "median wall time; ratios > 1 mean `after` is faster. 'exponent' rows: slope of "
-    "log(time) against log(T).\n\n" + _timing.markdown_table(header, table)
+    f"median {'CPU time on one XLA thread' if args.clock == 'cpu' else 'wall time'} of "
+    f"{args.rounds} alternating rounds; ratios > 1 mean `after` is faster. 'exponent' rows: "
+    "slope of log(time) against log(T).\n\n" + _timing.markdown_table(header, table)
   )
   print(markdown)
   paths = _timing.write_results(args.stem, env, {"args": vars(args), "rows": rows}, markdown)
