@@ -1,8 +1,9 @@
-"""Accelerator facts: memory and peak dense bf16 throughput per device kind.
+"""Accelerator memory per device kind, and TPU slice names.
 
-Used by `python -m attnlab.plan` (does a step fit?) and for MFU. Figures are
-the vendors' per-chip datasheet numbers (a TPU v4/v5p chip has two
-TensorCores that jax shows as one device). `device_kind` strings are jax's.
+Used by `python -m attnlab.plan` (does a step fit?); peak FLOP/s for MFU live
+in `attnlab.flops`. Figures are the vendors' per-chip datasheet numbers (a
+TPU v4/v5p chip has two TensorCores that jax shows as one device).
+`device_kind` strings are jax's.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ GIB = 1024**3
 class Chip:
   name: str
   hbm_bytes: int
-  peak_bf16_flops: float  # dense, per chip
 
 
 CHIPS = {
-  "TPU v4": Chip("TPU v4", 32 * GIB, 275e12),
-  "TPU v5 lite": Chip("TPU v5e", 16 * GIB, 197e12),
-  "TPU v5": Chip("TPU v5p", 95 * GIB, 459e12),
-  "TPU v6 lite": Chip("TPU v6e", 32 * GIB, 918e12),
-  "NVIDIA A100-SXM4-80GB": Chip("A100 80GB", 80 * GIB, 312e12),
-  "NVIDIA H100 80GB HBM3": Chip("H100 SXM", 80 * GIB, 989e12),
-  "NVIDIA H200": Chip("H200 SXM", 141 * 10**9, 989e12),
+  "TPU v4": Chip("TPU v4", 32 * GIB),
+  "TPU v5 lite": Chip("TPU v5e", 16 * GIB),
+  "TPU v5": Chip("TPU v5p", 95 * GIB),
+  "TPU v6 lite": Chip("TPU v6e", 32 * GIB),
+  "NVIDIA A100-SXM4-80GB": Chip("A100 80GB", 80 * GIB),
+  "NVIDIA H100 80GB HBM3": Chip("H100 SXM", 80 * GIB),
+  "NVIDIA H200": Chip("H200 SXM", 141 * 10**9),
 }
 
 # Cloud slice names count chips (v5e, v6e) or TensorCores (v4, v5p: two per chip).
@@ -42,8 +42,8 @@ def chip(device_kind: str) -> Chip | None:
   """The chip of a jax `device_kind`, or None when it is not in the table."""
   if device_kind in CHIPS:
     return CHIPS[device_kind]
-  matches = [c for kind, c in CHIPS.items() if device_kind.startswith(kind)]
-  return matches[-1] if matches else None
+  matches = [kind for kind in CHIPS if device_kind.startswith(kind)]
+  return CHIPS[max(matches, key=len)] if matches else None
 
 
 def topology_name(slice_name: str) -> str:

@@ -220,5 +220,8 @@ def test_gpu_softplus_on_device(power):
 @pytest.mark.gpu
 def test_gpu_none_picks_a_kernel():
   q, k, v, _, _ = _gpu_case(12, t=256)
+  from attnlab.ops.softmax import api
+
+  assert api._DISPATCH.best(q, k, v) in ("cudnn", "pallas_gpu")
   out = ops.softmax_attention(q, k, v)
   _close(out, ops.softmax_attention(q, k, v, implementation="xla"), 2e-2, "default")

@@ -119,3 +119,34 @@ class Dispatch:
 
   def module(self, implementation: str | None, *arrays: jax.Array | None) -> ModuleType:
     return importlib.import_module(f"{self.package}.{self.choose(implementation, *arrays)}")
+
+
+def per_shard(fn: Callable, *arrays: jax.Array | None):
+  """`fn(*arrays)` run once per shard of the batch axis (axis 0 of every array).
+
+  XLA cannot partition a Pallas kernel, so under a multi-device mesh (the
+  trainer's `jax.set_mesh`) a kernel call is wrapped in `jax.shard_map` that
+  splits the batch over every mesh axis it divides, in mesh order, and keeps
+  the other axes whole. Without such a mesh, or inside a shard_map already,
+  `fn` runs as it is. The outputs (any pytree) are batch-major too.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  present = [a for a in arrays if a is not None]
+  if mesh.empty or mesh.size == 1 or not present:
+    return fn(*arrays)
+  manual = set(getattr(mesh, "manual_axes", ()))
+  batch, axes, size = present[0].shape[0], [], 1
+  for name, n in mesh.shape.items():
+    if n > 1 and name not in manual and batch % (size * n) == 0:
+      axes.append(name)
+      size *= n
+  if not axes:
+    return fn(*arrays)
+  spec = jax.sharding.PartitionSpec(tuple(axes))
+  in_specs = tuple(jax.sharding.PartitionSpec() if a is None else spec for a in arrays)
+  # Every axis manual (the others replicate): interpret mode's callbacks need
+  # a fully manual computation. check_vma=False: pallas_call outputs carry no
+  # varying-axes annotation.
+  names = set(mesh.axis_names) - manual
+  run = jax.shard_map(fn, in_specs=in_specs, out_specs=spec, axis_names=names, check_vma=False)
+  return run(*arrays)

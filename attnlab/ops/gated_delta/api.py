@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -95,7 +97,8 @@ def gated_delta_rule(
   _check(q, k, v, g, beta, initial_state, segment_ids)
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  backend = _DISPATCH.module(implementation, q, k, v)
+  impl = _DISPATCH.choose(implementation, q, k, v)
+  backend = _DISPATCH.module(impl)
   dtype = _dtypes.compute_dtype(q, k, v)
   operand = jnp.result_type(q, k, v)
   state = (
@@ -103,18 +106,20 @@ def gated_delta_rule(
     if initial_state is None
     else initial_state.astype(dtype)
   )
-  o, final = backend.gated_delta_rule(
-    q.astype(operand),
-    k.astype(operand),
-    v.astype(operand),
-    g.astype(dtype),
-    beta.astype(dtype),
+  run = lambda q, k, v, g, beta, state, segment_ids: backend.gated_delta_rule(
+    q, k, v, g, beta,
     scale=_dtypes.default_scale(q.shape[-1], scale),
     initial_state=state,
     chunk_size=chunk_size,
     segment_ids=segment_ids,
     inverse_dtype=None if inverse_dtype is None else jnp.dtype(inverse_dtype),
-  )
+  )  # fmt: skip
+  if impl.startswith("pallas"):  # XLA cannot partition a kernel: one call per batch shard
+    run = functools.partial(_dispatch.per_shard, run)
+  o, final = run(
+    q.astype(operand), k.astype(operand), v.astype(operand), g.astype(dtype), beta.astype(dtype),
+    state, segment_ids,
+  )  # fmt: skip
   return o.astype(q.dtype), final if output_final_state else None
 
 

@@ -134,9 +134,10 @@ def block_sparse_softmax(
   scale = _dtypes.default_scale(q.shape[-1], scale)
   if impl in _KERNELS:
     module = _SPARSE_SOFTMAX.module(impl)
-    return module.block_sparse_softmax(
-      q, k, v, block_visible, block_size=block_size, scale=scale, **kernel_options
+    kernel = lambda q, k, v, gates: module.block_sparse_softmax(
+      q, k, v, gates, block_size=block_size, scale=scale, **kernel_options
     )
+    return _dispatch.per_shard(kernel, q, k, v, block_visible)  # one call per batch shard
   dtype = _dtypes.compute_dtype(q, k, v)
   o = _IMPLEMENTATIONS[impl].block_sparse_softmax(
     *(jnp.asarray(a, dtype) for a in (q, k, v, block_visible)),

@@ -89,7 +89,8 @@ def softmax_attention(
       "softmax_attention_cached for queries against a cache"
     )
   module = _DISPATCH.module(implementation, q, k, v)
-  return module.softmax_attention(q, k, v, scale=scale, logit_scale=logit_scale)
+  call = lambda q, k, v, ls: module.softmax_attention(q, k, v, scale=scale, logit_scale=ls)
+  return _dispatch.per_shard(call, q, k, v, logit_scale)
 
 
 def softmax_attention_cached(

@@ -76,7 +76,8 @@ def softplus_attention(
   implementation = _DISPATCH.choose(implementation, q, k, v)
   if implementation in _KERNELS:
     _check(q, k, v, power, "softplus_attention")
-    return _DISPATCH.module(implementation).softplus_attention(q, k, v, power=power)
+    kernel = _DISPATCH.module(implementation).softplus_attention
+    return _dispatch.per_shard(lambda q, k, v: kernel(q, k, v, power=power), q, k, v)
   t = q.shape[1]
   return _run(q, k, v, power, jnp.arange(t), t, implementation, "softplus_attention")
 

@@ -1,0 +1,48 @@
+"""`python -m attnlab.plan`: the large configs compile for real TPU slices on this CPU host,
+with the Pallas kernels selected (not the XLA attention path), and fit; a step that
+does not fit exits non-zero with suggestions."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from attnlab import plan
+from tests.conftest import REPO, tpu_mesh
+from tests.test_models import _load_config
+
+# (config, slice): the slices the README names for each config.
+LARGE = [
+  ("lucid_1b", "v5p-64"),
+  ("softmax_1b", "v5p-64"),
+  ("gated_deltanet_1b", "v5p-64"),
+  ("nats_l_340m", "v5p-32"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,topology", LARGE)
+def test_large_config_compiles_and_fits(name, topology, record_property):
+  tpu_mesh("v5e:2x2")  # skips with the reason where libtpu is missing
+  report = plan.plan(_load_config(name), topology, with_eval=False)
+  record_property("report", json.dumps(report))
+  train = report["train"]
+  assert report["fits"], plan.format_report(report)
+  assert 0 < train["total_gib"] <= report["hbm_gib"]
+  assert train["pallas_kernels"] > 0, "the attention ran on the XLA path, not the kernels"
+  assert report["train_flops_per_step"] > 6e9 * report["tokens_per_step"] * 0.1
+
+
+def test_plan_command_reports_a_step_that_does_not_fit():
+  tpu_mesh("v5e:2x2")
+  command = [
+    sys.executable, "-m", "attnlab.plan", "--config=configs/tiny.py", "--topology=v5e-4",
+    "--noeval", "--json", "--config.data.batch_size=8192", "--config.data.seq_len=4096",
+    "--config.model.d_model=1024", "--config.model.mlp_dim=4096",
+  ]  # fmt: skip
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 1, done.stderr[-2000:]
+  report = json.loads(done.stdout[done.stdout.index("{") :])
+  assert report["fits"] is False and report["train"]["total_gib"] > report["hbm_gib"] == 16
+  assert "grad_accum_steps" in done.stderr  # the knob it suggests
