@@ -31,9 +31,10 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.damaged_directory = os.path.abspath(os.path.join(workdir, "checkpoints_damaged"))
     self.skipped: list[str] = []  # one line per checkpoint set aside, for the run's log
+    # No barrier needed: the manager ignores temporary directories, so moving
+    # them (process 0 only) changes nothing another process lists.
     for name in self._unfinished():
       self._set_aside(name, "an unfinished save (the process stopped while writing it)")
-    _sync("attnlab_checkpoint_unfinished")
     self.manager = ocp.CheckpointManager(
       self.directory,
       item_names=("state", "data"),
