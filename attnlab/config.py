@@ -124,7 +124,7 @@ def base_config() -> ConfigDict:
   o.eps = 1e-8
   o.clip_norm = 1.0
   o.grad_accum_steps = 1
-  # Peak lr of temperature parameters (SSA's α, u); 0: same as lr. The official
+  # Peak lr of temperature parameters (SSA's position slope α); 0: same as lr. The official
   # SSA recipe gives its temperature its own, larger rate (beta_lr 1e-2 against a
   # base lr of 1e-5, umich-sota/selective_attention full_bindata_finetune.py): at
   # the base lr the position slope σ(α) barely leaves its α₀ = −7 start.
