@@ -113,6 +113,10 @@ def base_config() -> ConfigDict:
   d.text_key = "text"
   d.tokenizer = "byte"  # byte | path to a SentencePiece model
   d.prepare_from = placeholder(str)  # directory of .txt files to build from
+  # Packed documents: batches carry segment_ids, mixers keep documents apart (only
+  # gated_deltanet and linear support it; others raise) and the loss skips targets
+  # that start a new document. False: documents run into each other.
+  d.pack = False
 
   o = c.optim = ConfigDict()
   o.lr = 3e-3

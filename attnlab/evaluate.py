@@ -50,7 +50,7 @@ def evaluate_length(
 
   @jax.jit
   def sums(params, batch):
-    logits = nnx.merge(graphdef, params)(batch["inputs"])
+    logits = nnx.merge(graphdef, params)(batch["inputs"], batch.get("segment_ids"))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     correct = jnp.argmax(logits, -1) == batch["targets"]
     w = batch["weights"]

@@ -67,7 +67,7 @@ def make_steps(config: ConfigDict, graphdef: Any, tx: optax.GradientTransformati
     model = nnx.merge(graphdef, params)
     # Mixers sow statistics only when asked (their state stays fixed otherwise).
     model.set_attributes(collect_statistics=True, raise_if_not_found=False)
-    sums = weighted_sums(model(batch["inputs"]), batch)
+    sums = weighted_sums(model(batch["inputs"], batch.get("segment_ids")), batch)
     return sums["ce"], (sums, layer_statistics(model))
 
   def train_step(state, batch):
@@ -123,6 +123,7 @@ def compile_train_step(config: ConfigDict) -> jax.stages.Compiled:
     batch = {
       key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules))
       for key, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))
+      + ((("segment_ids", jnp.int32),) if config.data.pack else ())
     }
     # Abstract arrays that carry their shardings.
     abstract_state = jax.eval_shape(jax.jit(init, out_shardings=state_sharding), jax.random.key(0))

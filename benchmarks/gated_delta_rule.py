@@ -249,18 +249,17 @@ def main() -> None:
     lens = [t for t in seq_lens if mode == "fwd" or t * d <= args.max_fwd_bwd_elements]
     for t in lens:
       inputs = _inputs(args.batch, t, args.heads, args.heads * args.group, d, d)
-      reference = np.asarray(after(*inputs)[0])
+      forwards = {n: _forward(IMPLEMENTATIONS[n]) for n in impls}
+      reference = np.asarray(_forward(after)(*inputs))
       errors = {}
       for name in impls:
-        errors[name] = float(
-          np.max(np.abs(np.asarray(IMPLEMENTATIONS[name](*inputs)[0]) - reference))
-        )
+        errors[name] = float(np.max(np.abs(np.asarray(forwards[name](*inputs)) - reference)))
         if errors[name] > 1e-3:
           raise AssertionError(
             f"{name} disagrees with 'after' by {errors[name]:.2e} (K={d}, T={t})"
           )
-      wrap = _forward if mode == "fwd" else _fwd_bwd
-      cell = _measure({n: wrap(IMPLEMENTATIONS[n]) for n in impls}, inputs, args.clock, args.rounds)
+      fns = forwards if mode == "fwd" else {n: _fwd_bwd(IMPLEMENTATIONS[n]) for n in impls}
+      cell = _measure(fns, inputs, args.clock, args.rounds)
       for name in impls:
         times[name].append(cell[name])
         rows.append(

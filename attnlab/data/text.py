@@ -3,6 +3,12 @@
 Reads with `tfds.data_source` (random access, no TensorFlow), tokenizes each
 document, appends EOS, and packs documents into fixed windows with grain's
 concat-then-split. Each process reads its own slice of the split.
+
+With `data.pack` the windows also carry `segment_ids` [seq_len] (one id per
+document, from 1; 0 is padding) so that mixers that support packed rows keep
+documents apart, and the loss weight is 0 wherever the target starts a new
+document (the previous document cannot predict it). Without it, documents
+simply follow one another through the window and state flows across them.
 """
 
 from __future__ import annotations
@@ -79,16 +85,29 @@ def lm_dataset(
     ids = tokenizer.encode(example[text_key])
     return {"tokens": np.append(ids, tokenizer.eos_id).astype(np.int32)}
 
-  ds = ds.map(tokenize).to_iter_dataset()
-  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": data.seq_len + 1})
+  ds = pack_documents(ds.map(tokenize).to_iter_dataset(), data.seq_len, segments=data.pack)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def pack_documents(docs: grain.IterDataset, seq_len: int, *, segments: bool) -> grain.IterDataset:
+  """{tokens [n]} documents -> {inputs, targets, weights[, segment_ids]} windows [seq_len].
+
+  Documents are concatenated and cut into windows of seq_len + 1 tokens (grain's
+  concat-then-split; a document may continue into the next window). With
+  `segments`, segment_ids are the inputs' document ids and the weight of a
+  target in another document than its input is 0.
+  """
+  ds = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
 
   def to_example(packed):
-    tokens = packed["tokens"]
-    return {
-      "inputs": tokens[:-1],
-      "targets": tokens[1:],
-      # Padding after the last document of a finite split has segment id 0.
-      "weights": (packed["tokens_segment_ids"][1:] > 0).astype(np.float32),
-    }
+    tokens, seg = packed["tokens"], packed["tokens_segment_ids"]
+    # Padding after the last document of a finite split has segment id 0.
+    weights = seg[1:] > 0
+    example = {"inputs": tokens[:-1], "targets": tokens[1:]}
+    if segments:
+      weights &= seg[1:] == seg[:-1]
+      example["segment_ids"] = seg[:-1].astype(np.int32)
+    example["weights"] = weights.astype(np.float32)
+    return example
 
-  return ds.map(to_example).batch(batch_size, drop_remainder=True)
+  return ds.map(to_example)

@@ -124,14 +124,24 @@ class ShortConv(nnx.Module):
   def init_state(self, batch: int, dtype: jnp.dtype) -> jax.Array:
     return jnp.zeros((batch, self.kernel_size - 1, self.kernel.shape[1]), dtype)
 
-  def __call__(self, x: jax.Array, state: jax.Array | None = None):
-    """x [B, T, C], state [B, K-1, C] or None -> (y [B, T, C], new state)."""
+  def __call__(
+    self, x: jax.Array, state: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ):
+    """x [B, T, C], state [B, K-1, C] or None -> (y [B, T, C], new state).
+
+    segment_ids [B, T] int (packed documents): a tap never reads a position of
+    another document; the state counts as the row's first document.
+    """
     t = x.shape[1]
     if state is None:
       state = self.init_state(x.shape[0], x.dtype)
     padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
     w = self.kernel[...].astype(x.dtype)
-    y = sum(padded[:, i : i + t] * w[i] for i in range(self.kernel_size))
+    taps = [padded[:, i : i + t] * w[i] for i in range(self.kernel_size)]
+    if segment_ids is not None:
+      seg = jnp.pad(segment_ids, ((0, 0), (self.kernel_size - 1, 0)), mode="edge")
+      taps = [tap * (seg[:, i : i + t] == segment_ids)[..., None] for i, tap in enumerate(taps)]
+    y = sum(taps)
     return (jax.nn.silu(y) if self.activation else y), padded[:, t:]
 
 

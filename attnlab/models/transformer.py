@@ -65,16 +65,27 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(model.d_model, eps=model.norm_eps)
     self.mlp = layers.SwiGLU(model.d_model, model.mlp_dim, dtype=dtype, rngs=rngs)
 
-  def mixer_input(self, x: jax.Array, canon_state: jax.Array | None = None):
+  def mixer_input(
+    self, x: jax.Array, canon_state: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ):
     """x [B, T, d_model] -> (the mixer's input [B, T, d_model], new canon state)."""
     h = self.attn_norm(x)
     if self.canon is None:
       return h, None
-    mixed, canon_state = self.canon(h, canon_state)
+    mixed, canon_state = self.canon(h, canon_state, segment_ids)
     return h + mixed, canon_state
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.mixer(self.mixer_input(x)[0])
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x [B, T, d_model]; segment_ids [B, T] int for packed documents, or None."""
+    if segment_ids is None:
+      x = x + self.mixer(self.mixer_input(x)[0])
+    else:
+      if not getattr(self.mixer, "supports_segments", False):
+        raise ValueError(
+          f"mixer {self.mixer_name!r} does not support packed sequences (segment_ids, "
+          "data.pack=True); use gated_deltanet or linear, or set data.pack=False"
+        )
+      x = x + self.mixer(self.mixer_input(x, segment_ids=segment_ids)[0], segment_ids=segment_ids)
     x = sharding.constrain(x, ("batch", "length", "embed"))
     return x + self.mlp(self.mlp_norm(x))
 
@@ -153,10 +164,18 @@ class Transformer(nnx.Module):
       logits = self.lm_head(x)
     return logits.astype(jnp.float32)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] int -> logits [B, T, vocab] float32 (parallel form)."""
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens [B, T] int -> logits [B, T, vocab] float32 (parallel form).
+
+    segment_ids [B, T] int: packed documents (a new one wherever the id
+    changes); every mixer keeps them apart or raises.
+    """
     x = sharding.constrain(self.embed(tokens), ("batch", "length", "embed"))
-    apply = nnx.remat(lambda blk, h: blk(h)) if self.remat else (lambda blk, h: blk(h))
+
+    def run(blk, h):
+      return blk(h, segment_ids)
+
+    apply = nnx.remat(run) if self.remat else run
     if self.scan_layers:
       x = nnx.scan(lambda h, blk: apply(blk, h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
         x, self.blocks

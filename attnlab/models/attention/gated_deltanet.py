@@ -73,12 +73,17 @@ class DeltaInputs(nnx.Module):
   def init_conv_states(self, batch: int, dtype: jnp.dtype) -> dict:
     return {n: getattr(self, f"{n}_conv").init_state(batch, dtype) for n in ("q", "k", "v")}
 
-  def __call__(self, x: jax.Array, conv_states: dict | None = None):
-    """Returns (q, k, v, g, beta, new conv states); g and β in float32."""
+  def __call__(
+    self, x: jax.Array, conv_states: dict | None = None, segment_ids: jax.Array | None = None
+  ):
+    """Returns (q, k, v, g, beta, new conv states); g and β in float32.
+
+    segment_ids [B, T] (packed documents): the convs do not reach across documents.
+    """
     conv_states = conv_states or {"q": None, "k": None, "v": None}
-    q, q_state = self.q_conv(self.q_proj(x), conv_states["q"])
-    k, k_state = self.k_conv(self.k_proj(x), conv_states["k"])
-    v, v_state = self.v_conv(self.v_proj(x), conv_states["v"])
+    q, q_state = self.q_conv(self.q_proj(x), conv_states["q"], segment_ids)
+    k, k_state = self.k_conv(self.k_proj(x), conv_states["k"], segment_ids)
+    v, v_state = self.v_conv(self.v_proj(x), conv_states["v"], segment_ids)
     a = self.a_proj(x).astype(jnp.float32)
     g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a + self.dt_bias[...])
     beta = self.beta_scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
@@ -110,6 +115,8 @@ def gated_output_norm(norm: layers.RMSNorm, o: jax.Array, gate: jax.Array | None
 class GatedDeltaNet(base.Mixer):
   """Gated DeltaNet mixer: [B, T, d_model] -> [B, T, d_model]; state [B,HV,dk,dv]."""
 
+  supports_segments = True  # packed documents: __call__(x, segment_ids)
+
   def __init__(self, model: ConfigDict, options: ConfigDict, *, use_rope: bool, rngs: nnx.Rngs):
     del use_rope  # position comes from the conv and the decay
     super().__init__(model, options, rngs=rngs)
@@ -128,30 +135,37 @@ class GatedDeltaNet(base.Mixer):
     self.chunk_size = options.chunk_size
     self.implementation = options.implementation
 
-  def _mix(self, x, cache, implementation):
+  def _mix(self, x, cache, segment_ids=None):
     b, t, _ = x.shape
-    q, k, v, g, beta, conv = self.inputs(x, None if cache is None else cache["conv"])
+    q, k, v, g, beta, conv = self.inputs(x, None if cache is None else cache["conv"], segment_ids)
     q = layers.l2_normalize(q.reshape(b, t, self.heads, self.head_k))
     k = layers.l2_normalize(k.reshape(b, t, self.heads, self.head_k))
     v = v.reshape(b, t, self.v_heads, self.head_v)
-    o, state = ops.gated_delta_rule(
-      q,
-      k,
-      v,
-      g,
-      beta,
-      initial_state=None if cache is None else cache["state"],
-      output_final_state=True,
-      chunk_size=self.chunk_size,
-      implementation=implementation,
-    )
+    if cache is not None and t == 1:  # decoding: one step of the recurrence
+      o, state = ops.gated_delta_rule_step(
+        q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"]
+      )
+      o = o[:, None]
+    else:
+      o, state = ops.gated_delta_rule(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=None if cache is None else cache["state"],
+        output_final_state=True,
+        chunk_size=self.chunk_size,
+        segment_ids=segment_ids,
+        implementation=self.implementation,
+      )
     gate = None if self.g_proj is None else self.g_proj(x).reshape(o.shape)
     y = self.o_proj(gated_output_norm(self.o_norm, o, gate).reshape(b, t, -1))
     return y, {"state": state.astype(jnp.float32), "conv": conv}
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, T, d_model] -> [B, T, d_model] (chunked form)."""
-    return self._mix(x, None, self.implementation)[0]
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T, d_model] -> [B, T, d_model] (chunked form); segment_ids [B, T] or None."""
+    return self._mix(x, None, segment_ids)[0]
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict:
     del max_len  # O(1) in length
@@ -160,6 +174,5 @@ class GatedDeltaNet(base.Mixer):
 
   def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
     del start
-    # A prompt goes through the chunked form; single tokens through the recurrence.
-    implementation = "reference" if x.shape[1] == 1 else self.implementation
-    return self._mix(x, cache, implementation)
+    # A prompt goes through the chunked form; single tokens through the step op.
+    return self._mix(x, cache)

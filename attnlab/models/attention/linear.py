@@ -26,6 +26,8 @@ FEATURE_MAPS = {
 class LinearAttention(base.Mixer):
   """φ(q)·φ(k) attention (Katharopoulos et al., 2020); state [B,H,D,D]."""
 
+  supports_segments = True  # packed documents: __call__(x, segment_ids)
+
   def __init__(self, model: ConfigDict, options: ConfigDict, *, use_rope: bool, rngs: nnx.Rngs):
     super().__init__(model, options, rngs=rngs)
     if options.feature_map not in FEATURE_MAPS:
@@ -53,7 +55,7 @@ class LinearAttention(base.Mixer):
     phi = FEATURE_MAPS[self.feature_map]
     return phi(q), phi(k), v
 
-  def _attend(self, x, positions, state):
+  def _attend(self, x, positions, state, segment_ids=None):
     b, t, _ = x.shape
     q, k, v = self._features(x, positions)
     o, state = ops.linear_attention(
@@ -64,13 +66,14 @@ class LinearAttention(base.Mixer):
       initial_state=state,
       output_final_state=True,
       chunk_size=self.chunk_size,
+      segment_ids=segment_ids,
       implementation=self.implementation,
     )
     return self.out(o.reshape(b, t, -1)), state
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, T, d_model] -> [B, T, d_model]."""
-    return self._attend(x, jnp.arange(x.shape[1]), None)[0]
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T, d_model] -> [B, T, d_model]; segment_ids [B, T] int (packed) or None."""
+    return self._attend(x, jnp.arange(x.shape[1]), None, segment_ids)[0]
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype):
     del max_len, dtype  # the state is O(1) in length and kept in float32
