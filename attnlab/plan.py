@@ -54,6 +54,8 @@ def _footprint(compiled) -> dict[str, float]:
     "arguments_gib": m.argument_size_in_bytes / GIB,
     "temporaries_gib": m.temp_size_in_bytes / GIB,
     "total_gib": total / GIB,
+    # Share of the outputs written in place of donated inputs (the train state).
+    "donated_fraction": m.alias_size_in_bytes / max(m.output_size_in_bytes, 1),
   }
 
 
