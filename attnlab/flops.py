@@ -200,7 +200,9 @@ def mesh_peak(devices: Any, dtype: str = "bfloat16") -> tuple[float, str]:
   """(peak FLOP/s of all `devices` together, its source). A measured CPU peak
   already uses every core of its host, so CPU devices count once per process."""
   devices = list(devices)
-  peak, source = device_peak(dtype, devices[0])
+  # Measure on a device of this process: another process's devices cannot run our matmul.
+  local = [d for d in devices if d.process_index == jax.process_index()] or devices
+  peak, source = device_peak(dtype, local[0])
   if devices[0].platform == "cpu":
     count = len({d.process_index for d in devices})
   else:
