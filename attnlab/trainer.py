@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -108,27 +109,47 @@ def make_steps(config: ConfigDict, graphdef: Any, tx: optax.GradientTransformati
   return train_step, eval_step
 
 
-def compile_train_step(config: ConfigDict) -> jax.stages.Compiled:
-  """Lowers and compiles the sharded train step ahead of time, allocating
-  nothing full-size: a cheap check that a large config fits its mesh.
-  `compiled.memory_analysis()` then gives the per-device footprint."""
+def lower_steps(
+  config: ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> dict[str, jax.stages.Lowered]:
+  """Lowers the sharded train and eval steps ahead of time, allocating nothing
+  full-size, for `devices` (default: this process's; compile-only TPU devices
+  of `jax.experimental.topologies` work too, which `python -m attnlab.plan`
+  uses). `.compile().memory_analysis()` then gives the per-device footprint.
+
+  Returns {'train': Lowered, 'eval': Lowered}.
+  """
   rules = sharding.config_rules(config.sharding_rules)
-  mesh = sharding.make_mesh(dict(config.mesh))
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
   graphdef, init, tx = train_state.initializer(config)
-  train_step, _ = make_steps(config, graphdef, tx)
+  train_step, eval_step = make_steps(config, graphdef, tx)
+  # Concrete arrays cannot live on compile-only devices: the key is made
+  # outside the mesh, and everything inside stays abstract.
+  key = jax.random.key(0)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract_state = jax.eval_shape(init, jax.random.key(0))
+    abstract_state = jax.eval_shape(init, key)
     state_sharding = sharding.tree_shardings(abstract_state, mesh, rules)
-    shape = (config.data.batch_size, config.data.seq_len)
-    batch = {
-      key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules))
-      for key, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))
-      + ((("segment_ids", jnp.int32),) if config.data.pack else ())
-    }
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    def batch(size):
+      keys = [("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32)]
+      keys += [("segment_ids", jnp.int32)] if config.data.pack else []
+      shape = (size, config.data.seq_len)
+      return {k: jax.ShapeDtypeStruct(shape, t, sharding=batch_sharding) for k, t in keys}
+
     # Abstract arrays that carry their shardings.
-    abstract_state = jax.eval_shape(jax.jit(init, out_shardings=state_sharding), jax.random.key(0))
-    step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
-    return step.lower(abstract_state, batch).compile()
+    abstract_state = jax.eval_shape(jax.jit(init, out_shardings=state_sharding), key)
+    train = jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
+    eval_ = jax.jit(eval_step)
+    return {
+      "train": train.lower(abstract_state, batch(config.data.batch_size)),
+      "eval": eval_.lower(abstract_state["params"], batch(config.data.eval_batch_size)),
+    }
+
+
+def compile_train_step(config: ConfigDict) -> jax.stages.Compiled:
+  """The train step of `lower_steps`, compiled for this process's devices."""
+  return lower_steps(config)["train"].compile()
 
 
 def _microbatches(batch: dict, count: int) -> dict:
