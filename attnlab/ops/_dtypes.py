@@ -1,4 +1,4 @@
-"""Dtype and dispatch helpers shared by every op (jax and numpy only)."""
+"""Dtype helpers shared by every op (jax and numpy only); dispatch lives in _dispatch."""
 
 from __future__ import annotations
 
@@ -9,19 +9,6 @@ import jax.numpy as jnp
 def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
   """At least float32; float64 when inputs are float64 (needs jax_enable_x64)."""
   return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
-
-
-def resolve_implementation(
-  implementation: str | None, available: tuple[str, ...], op_name: str
-) -> str:
-  """Maps `None` to the best available path and rejects unknown names."""
-  if implementation is None:
-    return "xla"
-  if implementation not in available:
-    raise ValueError(
-      f"{op_name}: unknown implementation {implementation!r}; choose one of {available} or None."
-    )
-  return implementation
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

@@ -7,10 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.ops import _dispatch, _dtypes
-from attnlab.ops.lucid import reference, xla
 from attnlab.ops.softmax.api import softmax_attention
 
-_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
 _KERNELS = ("pallas_tpu", "pallas_gpu")
 _VALUES = _dispatch.Dispatch(
   op="lucid_values",
@@ -87,7 +85,7 @@ def lucid_values(
       context_length=context_length, **kernel_options,
     )  # fmt: skip
     return _dispatch.per_shard(solve, *map(cast, (k, v, context_keys, context_values)))
-  return _IMPLEMENTATIONS[impl].preconditioned_values(
+  return _VALUES.module(impl).preconditioned_values(
     cast(k),
     cast(v),
     eps=eps,

@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.ops import _dispatch, _dtypes
-from attnlab.ops.nats_l import reference, xla
+from attnlab.ops.nats_l import xla
 
-_IMPLEMENTATIONS = {"xla": xla, "reference": reference}
+_DELTA = _dispatch.Dispatch(
+  op="block_gated_delta_rule", package="attnlab.ops.nats_l", implementations=("xla", "reference")
+)
 _SPARSE_SOFTMAX = _dispatch.Dispatch(
   op="block_sparse_softmax",
   package="attnlab.ops.nats_l",
@@ -81,11 +83,9 @@ def block_gated_delta_rule(
   if g.shape != q.shape[:3] or beta.shape != q.shape[:3]:
     raise ValueError(f"g and beta must be [batch, time, heads] = {q.shape[:3]}")
   _check_gate("block_write", block_write, q, q.shape[2], block_size)
-  impl = _dtypes.resolve_implementation(
-    implementation, tuple(_IMPLEMENTATIONS), "block_gated_delta_rule"
-  )
+  impl = "reference" if _DELTA.choose(implementation) == "reference" else "xla"
   dtype = _dtypes.compute_dtype(q, k, v)
-  o = _IMPLEMENTATIONS[impl].block_gated_delta_rule(
+  o = _DELTA.module(impl).block_gated_delta_rule(
     *(jnp.asarray(a, dtype) for a in (q, k, v, g, beta, block_write)),
     block_size=block_size,
     scale=_dtypes.default_scale(q.shape[-1], scale),
@@ -139,7 +139,7 @@ def block_sparse_softmax(
     )
     return _dispatch.per_shard(kernel, q, k, v, block_visible)  # one call per batch shard
   dtype = _dtypes.compute_dtype(q, k, v)
-  o = _IMPLEMENTATIONS[impl].block_sparse_softmax(
+  o = _SPARSE_SOFTMAX.module(impl).block_sparse_softmax(
     *(jnp.asarray(a, dtype) for a in (q, k, v, block_visible)),
     block_size=block_size,
     scale=scale,

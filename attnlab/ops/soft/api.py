@@ -15,11 +15,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _dtypes
+from attnlab.ops import _dispatch, _dtypes
 from attnlab.ops.linear.api import linear_attention
 from attnlab.ops.soft import reference, xla
 
-_IMPLEMENTATIONS = ("xla", "reference")
+# Nyström features run in XLA; the linear-attention part dispatches on its own.
+_DISPATCH = _dispatch.Dispatch(
+  op="soft_attention", package="attnlab.ops.soft", implementations=("xla", "reference")
+)
 
 
 def newton_inverse(a: jax.Array, *, iters: int = 20, ridge: float = 0.01) -> jax.Array:
@@ -94,7 +97,7 @@ def soft_attention(
     )
   if not causal and (initial_state is not None or output_final_state):
     raise ValueError("bidirectional SOFT (causal=False) has no recurrent state")
-  impl = _dtypes.resolve_implementation(implementation, _IMPLEMENTATIONS, "soft_attention")
+  impl = "reference" if _DISPATCH.choose(implementation) == "reference" else "xla"
   dtype = _dtypes.compute_dtype(q, v, landmarks)
   q32, v32, l32 = (jnp.asarray(a, dtype) for a in (q, v, landmarks))
 
