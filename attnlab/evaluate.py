@@ -28,11 +28,18 @@ from flax import nnx
 
 from attnlab import data, generate, metrics
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["256", "1024", "4096"], "Lengths to evaluate.")
-_TOKENS = flags.DEFINE_integer("tokens", 65_536, "Held-out tokens per length.")
-_BUCKET = flags.DEFINE_integer("bucket", 128, "Position bucket of the loss curve.")
-_CONFIG = generate.define_config_overrides()
+_CONFIG: flags.FlagHolder | None = None  # the --config.x.y=value overrides
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so importing this module beside another
+  command line's flags (tests, notebooks: --workdir, --config) does not collide."""
+  global _CONFIG
+  flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
+  flags.DEFINE_list("seq_lens", ["256", "1024", "4096"], "Lengths to evaluate.")
+  flags.DEFINE_integer("tokens", 65_536, "Held-out tokens per length.")
+  flags.DEFINE_integer("bucket", 128, "Position bucket of the loss curve.")
+  _CONFIG = generate.define_config_overrides()
 
 
 def evaluate_length(
@@ -98,10 +105,10 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 def main(argv):
   del argv
-  overrides = generate.override_values(_CONFIG)
-  model, config, step = generate.load_model(_WORKDIR.value, overrides=overrides)
+  overrides = generate.override_values(_CONFIG) if _CONFIG is not None else {}
+  model, config, step = generate.load_model(flags.FLAGS.workdir, overrides=overrides)
   results = []
-  for seq_len in (int(s) for s in _SEQ_LENS.value):
+  for seq_len in (int(s) for s in flags.FLAGS.seq_lens):
     progress = metrics.Progress(total=None, label=f"evaluate T={seq_len} batch")
 
     def on_batch(done, total, progress=progress):
@@ -112,8 +119,8 @@ def main(argv):
       model,
       config,
       seq_len=seq_len,
-      tokens=_TOKENS.value,
-      bucket=_BUCKET.value,
+      tokens=flags.FLAGS.tokens,
+      bucket=flags.FLAGS.bucket,
       on_batch=on_batch,
     )
     progress.close()
@@ -127,7 +134,7 @@ def main(argv):
     )
     results.append(r)
   suffix = "".join(f"_{key.split('.')[-1]}={value}" for key, value in sorted(overrides.items()))
-  out = os.path.join(_WORKDIR.value, "eval_lengths" + suffix)
+  out = os.path.join(flags.FLAGS.workdir, "eval_lengths" + suffix)
   summary = {"step": step, "attention": config.model.attention, "overrides": overrides}
   with open(out + ".json", "w") as f:
     json.dump({**summary, "results": results}, f, indent=1)
@@ -137,4 +144,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

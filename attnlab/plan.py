@@ -34,14 +34,18 @@ from ml_collections import ConfigDict, config_flags  # noqa: E402
 
 GIB = 1024**3
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, optionally with :key=value,... arguments.", lock_config=True
-)
-_TOPOLOGY = flags.DEFINE_string(
-  "topology", "v5p-64", "TPU slice (v5p-64, v5e-16, v6e-8, v4-32) or topology (v5p:2x4x4)."
-)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
-_EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step.")
+
+def _define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so importing
+  `attnlab.plan` beside another command line's own --config flag does not collide."""
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with :key=value,... arguments.", lock_config=True
+  )
+  flags.DEFINE_string(
+    "topology", "v5p-64", "TPU slice (v5p-64, v5e-16, v6e-8, v4-32) or topology (v5p:2x4x4)."
+  )
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
+  flags.DEFINE_bool("eval", True, "Also compile the eval step.")
 
 
 def _footprint(compiled) -> dict[str, float]:
@@ -62,9 +66,8 @@ def _footprint(compiled) -> dict[str, float]:
 def _suggestions(config: ConfigDict, report: dict[str, Any]) -> list[str]:
   tips = []
   accum = config.optim.grad_accum_steps
-  if report.get("train", {}).get("temporaries_gib", 0) > report.get("train", {}).get(
-    "arguments_gib", 0
-  ):
+  train = report.get("train", {"temporaries_gib": 1, "arguments_gib": 0})  # failed: say all
+  if train["temporaries_gib"] > train["arguments_gib"]:
     tips.append(
       f"activations dominate: --config.optim.grad_accum_steps={2 * accum} (halves the "
       "microbatch), or a larger slice"
@@ -154,19 +157,20 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  f = flags.FLAGS
+  config, topology, as_json = f.config, f.topology, f.json
   try:
-    report = plan(config, _TOPOLOGY.value, with_eval=_EVAL.value)
+    report = plan(config, topology, with_eval=f.eval)
   except Exception as error:  # noqa: BLE001 - a failed compile is the answer, not a crash
     message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    report = {"topology": _TOPOLOGY.value, "fits": False, "error": message}
-    print(
-      json.dumps(report) if _JSON.value else f"does not compile for {_TOPOLOGY.value}: {message}"
-    )
+    report = {"topology": topology, "fits": False, "error": message}
+    # The TPU compiler itself refuses a program that cannot fit (RESOURCE_EXHAUSTED).
+    verdict = "does not fit on" if "RESOURCE_EXHAUSTED" in message else "does not compile for"
+    print(json.dumps(report) if as_json else f"{verdict} {topology}: {message}")
     for tip in _suggestions(config, report):
       print(f"  try: {tip}", file=sys.stderr)
     sys.exit(1)
-  if _JSON.value:
+  if as_json:
     print(json.dumps(report, indent=2))
   else:
     print(format_report(report))
@@ -177,5 +181,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flag_as_required("config")
   app.run(main)

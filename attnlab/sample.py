@@ -24,13 +24,15 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely tokens.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_CONFIG = generate.define_config_overrides()
+# `--config.x.y=value` overrides: defined when run as a program, so importing this module
+# next to another command line's own --config flag (tests, notebooks) does not collide.
+_CONFIG: flags.FlagHolder | None = None
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  overrides = generate.override_values(_CONFIG)
+  overrides = generate.override_values(_CONFIG) if _CONFIG is not None else {}
   model, config, step = generate.load_model(_WORKDIR.value, overrides=overrides)
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   if _PROMPT_IDS.value:
@@ -55,4 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG = generate.define_config_overrides()
   app.run(main)

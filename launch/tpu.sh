@@ -154,7 +154,7 @@ run() {
 
 logs() {
   need TPU ZONE
-  ssh_all "tail -n ${LINES:-20} ~/$RUN.*.log"
+  ssh_all "tail -n ${LOG_LINES:-20} ~/$RUN.*.log"
 }
 
 collect() {

@@ -49,7 +49,7 @@ def _close(got, want, tol, what):
   assert err <= tol, f"{what}: max error {err:.2e} of max |ref| {scale:.2e} > {tol:.0e}"
 
 
-def _check(kernel, xla, args, cot, dtype, grad_tolerance=None):
+def _check(kernel, xla, args, cot, dtype, grad_tolerance=None, tolerance=None):
   """Forward and gradients (w.r.t. every argument) of kernel vs xla, one compile each."""
 
   def value_and_grads(f):
@@ -61,7 +61,7 @@ def _check(kernel, xla, args, cot, dtype, grad_tolerance=None):
 
   out, got = jax.jit(value_and_grads(kernel))(*args)
   ref, want = value_and_grads(xla)(*args)
-  _close(out, ref, TOLERANCE[dtype], "forward")
+  _close(out, ref, tolerance or TOLERANCE[dtype], "forward")
   for i, (g, w) in enumerate(zip(got, want)):
     assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.all(jnp.isfinite(w))), f"gradient {i}"
     _close(g, w, grad_tolerance or GRAD_TOLERANCE[dtype], f"gradient {i}")
@@ -114,8 +114,9 @@ def test_tpu_softmax_long_rows_with_extreme_logits():
   assert float(jnp.max(jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, 0))) > 300
   # d/d logit_scale sums logit-sized terms (|u|/ls ~ 20) that cancel: in float32
   # both paths carry ~1e-7·|u| rounding per term, hence the looser tolerance.
+  # Forward too: exp of logits ~400 carries float32 rounding of ~400·6e-8 ≈ 2.4e-5.
   kernel, xla = _softmax(softmax_tpu, interpret=True, **TPU_BLOCKS)
-  _check(kernel, xla, (q, k, v, ls), cot, jnp.float32, grad_tolerance=2e-3)
+  _check(kernel, xla, (q, k, v, ls), cot, jnp.float32, grad_tolerance=2e-3, tolerance=5e-5)
 
 
 def test_tpu_lssar_long_rows_and_vanishing_rows():

@@ -64,5 +64,9 @@ def test_plan_command_reports_a_step_that_does_not_fit():
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 1, done.stderr[-2000:]
   report = json.loads(done.stdout[done.stdout.index("{") :])
-  assert report["fits"] is False and report["train"]["total_gib"] > report["hbm_gib"] == 16
+  # Either the compiled footprint exceeds the 16 GiB of a v5e, or the compiler refuses.
+  assert report["fits"] is False
+  assert "Ran out of memory on HBM" in report.get("error", "") or (
+    report["train"]["total_gib"] > report["hbm_gib"] == 16
+  )
   assert "grad_accum_steps" in done.stderr  # the knob it suggests
