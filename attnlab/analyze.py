@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from attnlab import data, generate, metrics
+from attnlab import data, loader, metrics
 
 
 def _define_flags() -> None:
@@ -79,7 +79,7 @@ def run(
   start = time.time()
   logging.info("loading %s", workdir)
   with _quiet():
-    model, config, step = generate.load_model(workdir, step)
+    model, config, step = loader.load_model(workdir, step)
     tokens = eval_tokens(config, batch, seq_len)
   logging.info(
     "step %d, %d layers; analysing %d eval sequences of length %d",

@@ -115,8 +115,22 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def restore_part(self, step: int, abstract_part: dict) -> dict:
+    """Restores only the top-level entries of the state named in
+    `abstract_part` (e.g. {'params': ...}, ShapeDtypeStructs with shardings):
+    the rest (the optimizer state, twice the parameters' size) is never read."""
+    path = os.path.join(self.directory, str(step), "state")
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
+    with ocp.PyTreeCheckpointer() as reader:
+      return reader.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+          item=abstract_part,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part),
+          partial_restore=True,
+        ),
+      )
 
   def close(self) -> None:
     self.manager.wait_until_finished()

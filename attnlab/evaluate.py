@@ -26,7 +26,7 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from attnlab import data, generate, metrics
+from attnlab import data, loader, metrics
 
 _CONFIG: flags.FlagHolder | None = None  # the --config.x.y=value overrides
 
@@ -39,7 +39,7 @@ def _define_flags() -> None:
   flags.DEFINE_list("seq_lens", ["256", "1024", "4096"], "Lengths to evaluate.")
   flags.DEFINE_integer("tokens", 65_536, "Held-out tokens per length.")
   flags.DEFINE_integer("bucket", 128, "Position bucket of the loss curve.")
-  _CONFIG = generate.define_config_overrides()
+  _CONFIG = loader.define_config_overrides()
 
 
 def evaluate_length(
@@ -105,8 +105,8 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 def main(argv):
   del argv
-  overrides = generate.override_values(_CONFIG) if _CONFIG is not None else {}
-  model, config, step = generate.load_model(flags.FLAGS.workdir, overrides=overrides)
+  overrides = loader.override_values(_CONFIG) if _CONFIG is not None else {}
+  model, config, step = loader.load_model(flags.FLAGS.workdir, overrides=overrides)
   results = []
   for seq_len in (int(s) for s in flags.FLAGS.seq_lens):
     progress = metrics.Progress(total=None, label=f"evaluate T={seq_len} batch")

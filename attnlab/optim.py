@@ -9,10 +9,8 @@ import jax
 import optax
 from ml_collections import ConfigDict
 
-from attnlab.models.attention import registry
-
 # Parameter names never decayed, whatever the variant: norm gains and biases.
-_ALWAYS_NO_DECAY = frozenset({"scale", "bias", "embedding_scale"})
+_ALWAYS_NO_DECAY = frozenset({"scale", "bias"})
 
 
 def _path_names(path) -> list[str]:
@@ -25,10 +23,10 @@ def _path_names(path) -> list[str]:
   return names
 
 
-def decay_mask(params: Any) -> Any:
+def decay_mask(params: Any, no_decay: frozenset[str] = frozenset()) -> Any:
   """True where weight decay applies: matrices and embeddings, not norm
-  gains, biases or the names variants list as `no_decay` (e.g. A_log)."""
-  exempt = _ALWAYS_NO_DECAY | registry.no_decay_names()
+  gains, biases or the parameter names in `no_decay` (e.g. A_log)."""
+  exempt = _ALWAYS_NO_DECAY | no_decay
 
   def decays(path, leaf):
     names = [n for n in _path_names(path) if n != "value"]
@@ -47,15 +45,16 @@ def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedul
   )
 
 
-def temperature_mask(params: Any) -> Any:
-  """True for parameters named by a variant as temperatures (own learning rate)."""
-  names = registry.temperature_names()
+def temperature_mask(params: Any, names: frozenset[str]) -> Any:
+  """True for parameters named in `names` (temperatures: own learning rate)."""
   return jax.tree_util.tree_map_with_path(
     lambda path, _: bool(set(_path_names(path)) & names), params
   )
 
 
-def _adamw(optim: ConfigDict, total_steps: int, peak_lr: float) -> optax.GradientTransformation:
+def _adamw(
+  optim: ConfigDict, total_steps: int, peak_lr: float, no_decay: frozenset[str]
+) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(optim, total_steps)
   return optax.adamw(
     lambda step: schedule(step) * (peak_lr / optim.lr),
@@ -63,23 +62,33 @@ def _adamw(optim: ConfigDict, total_steps: int, peak_lr: float) -> optax.Gradien
     b2=optim.b2,
     eps=optim.eps,
     weight_decay=optim.weight_decay,
-    mask=decay_mask,
+    mask=lambda params: decay_mask(params, no_decay),
   )
 
 
-def make_optimizer(optim: ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+  optim: ConfigDict,
+  total_steps: int,
+  *,
+  no_decay: frozenset[str] = frozenset(),
+  temperature: frozenset[str] = frozenset(),
+) -> optax.GradientTransformation:
   """Clipping, then AdamW; temperature parameters follow the same schedule
-  scaled to `optim.temperature_lr` (0: the base lr), as in SSA's recipe."""
+  scaled to `optim.temperature_lr` (0: the base lr), as in SSA's recipe.
+
+  `no_decay` and `temperature` are parameter names (the variants declare
+  theirs in the registry; `train_state.initializer` passes them in).
+  """
   temperature_lr = optim.temperature_lr or optim.lr
   return optax.chain(
     optax.clip_by_global_norm(optim.clip_norm),
     optax.multi_transform(
       {
-        "base": _adamw(optim, total_steps, optim.lr),
-        "temperature": _adamw(optim, total_steps, temperature_lr),
+        "base": _adamw(optim, total_steps, optim.lr, no_decay),
+        "temperature": _adamw(optim, total_steps, temperature_lr, no_decay),
       },
       lambda params: jax.tree.map(
-        lambda t: "temperature" if t else "base", temperature_mask(params)
+        lambda t: "temperature" if t else "base", temperature_mask(params, temperature)
       ),
     ),
   )

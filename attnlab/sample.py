@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from attnlab import generate
+from attnlab import generate, loader
 from attnlab.data import tokenizers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
@@ -32,8 +32,8 @@ _CONFIG: flags.FlagHolder | None = None
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  overrides = generate.override_values(_CONFIG) if _CONFIG is not None else {}
-  model, config, step = generate.load_model(_WORKDIR.value, overrides=overrides)
+  overrides = loader.override_values(_CONFIG) if _CONFIG is not None else {}
+  model, config, step = loader.load_model(_WORKDIR.value, overrides=overrides)
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   if _PROMPT_IDS.value:
     prompt = np.array([[int(i) for i in _PROMPT_IDS.value]], np.int32)
@@ -57,5 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _CONFIG = generate.define_config_overrides()
+  _CONFIG = loader.define_config_overrides()
   app.run(main)

@@ -3,10 +3,11 @@
 One linear function in the big_vision style, importable from notebooks and
 tests; `python -m attnlab.train` is its command line.
 
-  1. mesh and sharding rules        5. restore from <workdir> or initialise
-  2. data iterators (grain)         6. jitted, donated train / eval steps
-  3. abstract model + optimizer     7. loop: step, NaN guard, log, eval, save
-  4. shardings from logical names   8. final checkpoint, close
+  1. mesh; the train state placed on it (`train_state.setup`, shared with
+     `lower_steps` and `attnlab.loader`)
+  2. data iterators (grain)         5. loop: step, NaN guard, log, eval, save
+  3. restore from <workdir> or init 6. final checkpoint, close
+  4. jitted, donated train / eval steps
 """
 
 from __future__ import annotations
@@ -109,6 +110,15 @@ def make_steps(config: ConfigDict, graphdef: Any, tx: optax.GradientTransformati
   return train_step, eval_step
 
 
+def jit_steps(config: ConfigDict, setup: train_state.Setup) -> tuple[Any, Any]:
+  """(train_step, eval_step), jitted for `setup`'s shardings; the train step
+  donates its state."""
+  train_step, eval_step = make_steps(config, setup.graphdef, setup.tx)
+  with setup.context():
+    train = jax.jit(train_step, donate_argnums=0, out_shardings=(setup.state_sharding, None))
+    return train, jax.jit(eval_step)
+
+
 def lower_steps(
   config: ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> dict[str, jax.stages.Lowered]:
@@ -119,31 +129,21 @@ def lower_steps(
 
   Returns {'train': Lowered, 'eval': Lowered}.
   """
-  rules = sharding.config_rules(config.sharding_rules)
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  graphdef, init, tx = train_state.initializer(config)
-  train_step, eval_step = make_steps(config, graphdef, tx)
-  # Concrete arrays cannot live on compile-only devices: the key is made
-  # outside the mesh, and everything inside stays abstract.
-  key = jax.random.key(0)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract_state = jax.eval_shape(init, key)
-    state_sharding = sharding.tree_shardings(abstract_state, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+  placed = train_state.setup(config, sharding.make_mesh(dict(config.mesh), devices))
+  train, eval_ = jit_steps(config, placed)
+  batch_sharding = sharding.batch_sharding(placed.mesh, placed.rules)
 
-    def batch(size):
-      keys = [("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32)]
-      keys += [("segment_ids", jnp.int32)] if config.data.pack else []
-      shape = (size, config.data.seq_len)
-      return {k: jax.ShapeDtypeStruct(shape, t, sharding=batch_sharding) for k, t in keys}
+  def batch(size):
+    keys = [("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32)]
+    keys += [("segment_ids", jnp.int32)] if config.data.pack else []
+    shape = (size, config.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, t, sharding=batch_sharding) for k, t in keys}
 
-    # Abstract arrays that carry their shardings.
-    abstract_state = jax.eval_shape(jax.jit(init, out_shardings=state_sharding), key)
-    train = jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
-    eval_ = jax.jit(eval_step)
+  state = placed.abstract_state
+  with placed.context():
     return {
-      "train": train.lower(abstract_state, batch(config.data.batch_size)),
-      "eval": eval_.lower(abstract_state["params"], batch(config.data.eval_batch_size)),
+      "train": train.lower(state, batch(config.data.batch_size)),
+      "eval": eval_.lower(state["params"], batch(config.data.eval_batch_size)),
     }
 
 
@@ -206,10 +206,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   """
   workdir = os.path.abspath(workdir)
   validate.check_run(config, workdir)  # bad input fails here, before any compute
-  rules = sharding.config_rules(config.sharding_rules)
 
-  # 1. Mesh.
-  mesh = sharding.make_mesh(dict(config.mesh))
+  # 1. Mesh, and the train state placed on it (abstract, with its shardings).
+  placed = train_state.setup(config, sharding.make_mesh(dict(config.mesh)))
+  mesh = placed.mesh
   process_index, process_count = jax.process_index(), jax.process_count()
 
   # 2. Data: this process's share; the train iterator is checkpointed.
@@ -236,35 +236,23 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         break
       yield batch
 
-  # 3-4. Abstract model and optimizer, and their shardings.
-  graphdef, init, tx = train_state.initializer(config)
-
-  rng = jax.random.key(config.seed)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract_state = jax.eval_shape(init, rng)
-    state_sharding = sharding.tree_shardings(abstract_state, mesh, rules)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
-
-  # 5. Restore from this workdir, or initialise directly sharded.
+  # 3. Restore from this workdir, or initialise directly sharded.
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   writer = metrics.MetricWriter(workdir, total_steps=config.total_steps, progress=config.progress)
-  latest, state = ckpt.restore_latest(
-    checkpoint.abstract_with_sharding(abstract_state, state_sharding), train_iter
-  )
+  latest, state = ckpt.restore_latest(placed.abstract_state, train_iter)
   for line in ckpt.skipped:  # damaged or unfinished checkpoints (also in the absl log)
     writer.message(f"WARNING: {line}")
   if latest is not None:
     writer.message(f"resumed from {ckpt.directory} at step {latest}")
   else:
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-      state = jax.jit(init, out_shardings=state_sharding)(rng)
+    state = placed.create(jax.random.key(config.seed))
     if process_index == 0:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-  writer.message(f"{num_params:,} parameters; mesh {dict(mesh.shape)}; workdir {workdir}")
+  writer.message(f"{placed.num_params:,} parameters; mesh {dict(mesh.shape)}; workdir {workdir}")
   # Model FLOPs per token and the mesh's peak, for train/mfu (see attnlab/flops.py).
-  flop_counts = flops.flops_per_token(config, abstract_state["params"])
+  flop_counts = flops.flops_per_token(config, placed.abstract_state["params"])
   peak, peak_source = flops.mesh_peak(mesh.devices.flat, config.model.dtype)
   writer.message(f"{flop_counts['train'] / 1e6:.3f} MFLOP/token (train); peak {peak:.3g} FLOP/s")
   if process_index == 0:
@@ -272,26 +260,21 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
       json.dump({**flop_counts, "peak_flops": peak, "peak_source": peak_source}, f, indent=1)
   profiler = metrics.StepProfiler(config.profile_steps, os.path.join(workdir, "tensorboard"))
 
-  # 6. Steps.
-  train_step, eval_step = make_steps(config, graphdef, tx)
-
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
-    eval_step = jax.jit(eval_step)
+  # 4. Steps.
+  train_step, eval_step = jit_steps(config, placed)
 
   def to_global(local):
-    return sharding.global_batch(local, mesh, rules)
+    return sharding.global_batch(local, mesh, placed.rules)
 
   def evaluate(params) -> dict[str, float]:
     totals = {"ce": 0.0, "correct": 0.0, "weight": 0.0}
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-      for local in eval_batches():
-        sums = jax.device_get(eval_step(params, to_global(local)))
-        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    for local in eval_batches():
+      sums = jax.device_get(eval_step(params, to_global(local)))
+      totals = {k: totals[k] + float(sums[k]) for k in totals}
     weight = max(totals["weight"], 1.0)
     return {"eval/loss": totals["ce"] / weight, "eval/accuracy": totals["correct"] / weight}
 
-  # 7. Loop.
+  # 5. Loop.
   first_step = int(jax.device_get(state["step"]))
   tokens_per_step = config.data.batch_size * config.data.seq_len
   pending: list[tuple[int, jax.Array]] = []
@@ -300,14 +283,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   step = first_step
   saved_step = first_step
   try:
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, placed.context():
       for step in range(first_step + 1, config.total_steps + 1):
         profiler.before(step)
-        with (
-          jax.profiler.StepTraceAnnotation("train", step_num=step),
-          jax.set_mesh(mesh),
-          nnx.logical_axis_rules(rules),
-        ):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, step_metrics = train_step(state, to_global(next(train_iter)))
         if profiler.after(step, state):
           writer.message(f"wrote a profile of steps {config.profile_steps} to {profiler.logdir}")
@@ -338,7 +317,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
           writer.message(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
           break
   finally:
-    # 8. Finish: let in-flight async saves land, also when a step raised.
+    # 6. Finish: let in-flight async saves land, also when a step raised.
     profiler.close()
     ckpt.close()
     writer.close()

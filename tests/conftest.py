@@ -9,7 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import functools  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
+import socket  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -26,6 +29,74 @@ def x64():
   jax.config.update("jax_enable_x64", True)
   yield
   jax.config.update("jax_enable_x64", previous)
+
+
+# --- configs, runs and processes ----------------------------------------------------------
+
+
+def load_config(name: str, arg: str | None = None):
+  """configs/<name>.py's get_config(arg), as `--config=configs/<name>.py:arg` loads it."""
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py shrunk to a 30-step run (checkpoints every 10, eval every
+  10); `overrides` are dotted keys, e.g. tiny_config(**{"model.attention": "linear"})."""
+  c = load_config("tiny")
+  c.progress = False
+  c.total_steps = 30
+  c.log_every = 1
+  c.eval_every = 10
+  c.eval_batches = 1
+  c.checkpoint_every = 10
+  c.data.batch_size = 8
+  c.data.eval_batch_size = 8
+  c.data.seq_len = 32
+  c.data.num_kv_pairs = 4
+  for key, value in overrides.items():
+    target = c
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+# `python -m attnlab.train` flags of a 4-step tiny run on a 2-device data mesh.
+TINY_RUN_FLAGS = (
+  "--config=configs/tiny.py:steps=4",
+  "--config.mesh.data=2",
+  "--config.data.batch_size=8",
+  "--config.data.eval_batch_size=8",
+  "--config.data.seq_len=32",
+  "--config.data.num_kv_pairs=4",
+  "--config.log_every=1",
+  "--config.eval_every=4",
+  "--config.eval_batches=1",
+  "--config.checkpoint_every=2",
+  "--config.progress=False",
+)
+
+
+def metric_rows(workdir) -> list[dict]:
+  """The rows of <workdir>/metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def loss_by_step(workdir) -> dict[int, float]:
+  """{step: train/loss}; a step logged twice (a resumed run) keeps its last row."""
+  return {r["step"]: r["train/loss"] for r in metric_rows(workdir)}
+
+
+def free_port() -> int:
+  """A free TCP port on 127.0.0.1 (for jax.distributed's coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,6 +20,8 @@ from attnlab.analysis import quantities as Q
 from attnlab.analysis import taylor as TY
 from attnlab.models import attention, build_model
 
+from .conftest import tiny_config
+
 T = 21  # not a multiple of any chunk or block size used below (4, 8, 16, 64)
 
 
@@ -308,12 +310,10 @@ def test_analyze_command_line_on_a_trained_workdir(tmp_path):
   pytest.importorskip("matplotlib")
   from attnlab import analyze, trainer
 
-  from .test_train import _tiny
-
   workdir = str(tmp_path / "run")
   with pytest.raises(FileNotFoundError):
     analyze.run(workdir)
-  trainer.train_and_evaluate(_tiny(total_steps=2, eval_every=0, checkpoint_every=0), workdir)
+  trainer.train_and_evaluate(tiny_config(total_steps=2, eval_every=0, checkpoint_every=0), workdir)
   summary = analyze.run(workdir, batch=3, layers=[1])
   outdir = os.path.join(workdir, "analysis")
   with open(os.path.join(outdir, "summary.json")) as f:

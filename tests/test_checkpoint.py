@@ -22,8 +22,7 @@ import pytest
 import attnlab.data
 from attnlab import checkpoint, train_state, trainer
 
-from .conftest import REPO
-from .test_train import _loss_by_step, _tiny
+from .conftest import REPO, TINY_RUN_FLAGS, free_port, loss_by_step, metric_rows, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +33,7 @@ _STEPS = 3
 def saved_run(tmp_path_factory):
   """A tiny run checkpointed at every step: checkpoints/1, 2, 3."""
   workdir = str(tmp_path_factory.mktemp("ckpt") / "run")
-  config = _tiny(total_steps=_STEPS, checkpoint_every=1, keep_checkpoints=5, eval_every=0)
+  config = tiny_config(total_steps=_STEPS, checkpoint_every=1, keep_checkpoints=5, eval_every=0)
   trainer.train_and_evaluate(config, workdir)
   return config, workdir
 
@@ -185,7 +184,7 @@ def test_every_checkpoint_failing_raises_and_moves_nothing(saved_run, tmp_path):
   """A changed model (every restore fails) is an error, not damage to skip."""
   config, workdir = saved_run
   copy = _copy_of(workdir, tmp_path / "run")
-  bigger = _tiny(total_steps=_STEPS, **{"model.d_model": 96})
+  bigger = tiny_config(total_steps=_STEPS, **{"model.d_model": 96})
   with pytest.raises(Exception):  # noqa: B017 (orbax's shape-mismatch error type varies)
     _restore(bigger, copy)
   assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["1", "2", "3"]
@@ -246,7 +245,7 @@ def _kill_during_a_save(workdir):
 
 def test_sigkill_during_an_async_save_resumes_to_the_same_losses(tmp_path):
   reference = str(tmp_path / "reference")
-  config = _tiny(total_steps=_TOTAL, checkpoint_every=0, eval_every=0, log_every=1)
+  config = tiny_config(total_steps=_TOTAL, checkpoint_every=0, eval_every=0, log_every=1)
   trainer.train_and_evaluate(config, reference)
 
   for attempt in range(3):  # the save may land between the poll and the kill
@@ -268,7 +267,7 @@ def test_sigkill_during_an_async_save_resumes_to_the_same_losses(tmp_path):
   assert "skipped checkpoint" in resumed.stderr and unfinished in resumed.stderr
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged")) == [unfinished]
 
-  expected, got = _loss_by_step(reference), _loss_by_step(workdir)  # later rows win
+  expected, got = loss_by_step(reference), loss_by_step(workdir)  # later rows win
   assert sorted(got) == list(range(1, _TOTAL + 1))
   np.testing.assert_allclose(
     [got[s] for s in range(1, _TOTAL + 1)], [expected[s] for s in range(1, _TOTAL + 1)],
@@ -280,16 +279,13 @@ def test_two_process_resume_gives_the_same_losses(tmp_path):
   """Two processes on 127.0.0.1 (gloo): run 6 steps, drop the checkpoints of
   steps 4 and 6, rerun; steps 3-6 are recomputed from step 2's checkpoint and
   data position and give the same losses."""
-  from .test_multiprocess import _FLAGS as MP_FLAGS
-  from .test_multiprocess import _free_port
-  from .test_train import _rows
 
-  flags = [f for f in MP_FLAGS if not f.startswith("--config=")]
+  flags = [f for f in TINY_RUN_FLAGS if not f.startswith("--config=")]
   command = [sys.executable, "-m", "attnlab.train", "--config=configs/tiny.py:steps=6", *flags]
   workdir = str(tmp_path / "multi")
 
   def run_two_processes():
-    port = _free_port()
+    port = free_port()
     env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [
       subprocess.Popen(
@@ -317,13 +313,13 @@ def test_two_process_resume_gives_the_same_losses(tmp_path):
       assert p.returncode == 0, err[-3000:]
 
   run_two_processes()
-  first = {r["step"]: r["train/loss"] for r in _rows(workdir)}
+  first = {r["step"]: r["train/loss"] for r in metric_rows(workdir)}
   assert sorted(first) == [1, 2, 3, 4, 5, 6]
   for step in ("4", "6"):
     shutil.rmtree(os.path.join(workdir, "checkpoints", step))
-  rows_before = len(_rows(workdir))
+  rows_before = len(metric_rows(workdir))
   run_two_processes()
-  again = _rows(workdir)[rows_before:]
+  again = metric_rows(workdir)[rows_before:]
   assert [r["step"] for r in again] == [3, 4, 5, 6]
   np.testing.assert_allclose(
     [r["train/loss"] for r in again], [first[s] for s in (3, 4, 5, 6)], rtol=1e-5

@@ -7,8 +7,7 @@ import pytest
 
 from attnlab import config as config_lib
 
-from .conftest import REPO
-from .test_models import _load_config
+from .conftest import REPO, load_config
 
 
 def test_parse_arg_types_and_unknown_keys():
@@ -24,11 +23,11 @@ def test_parse_arg_types_and_unknown_keys():
 
 def test_configs_build_and_are_locked():
   for name in ("tiny", "shakespeare", "softmax_1b"):
-    config = _load_config(name)
+    config = load_config(name)
     assert config.total_steps > 0 and config.model.vocab_size == config.data.vocab_size
     with pytest.raises(AttributeError):
       config.modle = 1  # locked: new keys are rejected
-  assert _load_config("tiny", "attention=linear").model.attention == "linear"
+  assert load_config("tiny", "attention=linear").model.attention == "linear"
 
 
 def _train_cli(*args, tmp_path):
@@ -73,13 +72,13 @@ def test_saved_configs_from_older_versions_load_with_new_defaults(tmp_path):
   import json
 
   from attnlab import config as config_lib
-  from attnlab import generate
+  from attnlab import loader
 
   saved = config_lib.base_config().to_dict()
   del saved["model"]["canon_conv"], saved["model"]["scan_layers"]
   saved["model"]["d_model"] = 96
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  loaded = generate.load_config(str(tmp_path))
+  loaded = loader.load_config(str(tmp_path))
   assert loaded.model.d_model == 96  # saved values win
   assert loaded.model.canon_conv == 0 and loaded.model.scan_layers is False
 
@@ -113,7 +112,7 @@ def test_byte_tokenizer_with_a_32k_vocabulary_is_an_error_when_data_is_built():
   import attnlab.data
   from attnlab.data import tokenizers
 
-  config = _load_config("lucid_1b")  # the byte default and vocab_size 32000
+  config = load_config("lucid_1b")  # the byte default and vocab_size 32000
   with pytest.raises(ValueError, match="byte tokenizer.*train_tokenizer=32000"):
     attnlab.data.make_dataset(config.data, seed=0, train=True)
   byte = tokenizers.ByteTokenizer()

@@ -12,11 +12,11 @@ from flax import nnx
 from attnlab import flops, metrics, train_state, trainer
 from attnlab.models import build_model
 
-from .test_models import _load_config
+from .conftest import load_config
 
 
 def _tiny(attention: str = "softmax"):
-  c = _load_config("tiny")
+  c = load_config("tiny")
   with c.unlocked():
     c.model.attention = attention
   return c

@@ -1,7 +1,6 @@
 """The trunk: decoding equals the parallel form, layer patterns, masks, sizes."""
 
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from attnlab import config as config_lib
 from attnlab import optim, trainer
 from attnlab.models import attention, build_model, layer_mixers, layers
 
-from .conftest import REPO
+from .conftest import load_config
 
 
 def _model_config(**overrides):
@@ -217,7 +216,7 @@ def test_weight_decay_mask_exempts_norms_and_biases():
 
 def test_weight_decay_mask_exempts_delta_decay_parameters():
   model = build_model(_model_config(layer_pattern="gated_deltanet,nats_l"), nnx.Rngs(0))
-  mask = optim.decay_mask(nnx.state(model, nnx.Param))
+  mask = optim.decay_mask(nnx.state(model, nnx.Param), attention.registry.no_decay_names())
   flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
   for name in ("A_log", "dt_bias"):
     entries = [m for k, m in flat.items() if name in k]
@@ -312,15 +311,8 @@ def test_registry_lists_variants_and_rejects_duplicates():
     attention.registry.register("softmax", options={}, uses_rope=True)(object)
 
 
-def _load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def test_softmax_1b_parameter_count():
-  config = _load_config("softmax_1b")
+  config = load_config("softmax_1b")
   abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
   m = config.model
@@ -351,7 +343,7 @@ def _count(config):
 
 
 def test_gated_deltanet_1b_parameter_count():
-  m = _load_config("gated_deltanet_1b").model
+  m = load_config("gated_deltanet_1b").model
   layer = (
     _delta_layer_params(m.d_model, 6, 256, 2, 4)
     + 2 * 256  # output RMSNorm over a value head (head_v = 2 * 256)
@@ -359,12 +351,12 @@ def test_gated_deltanet_1b_parameter_count():
     + 2 * m.d_model
   )
   expected = 2 * m.vocab_size * m.d_model + m.num_layers * layer + m.d_model
-  assert _count(_load_config("gated_deltanet_1b")) == expected
+  assert _count(load_config("gated_deltanet_1b")) == expected
   assert 1.3e9 < expected < 1.45e9, expected
 
 
 def test_nats_l_340m_parameter_count_and_layer_pattern():
-  config = _load_config("nats_l_340m")
+  config = load_config("nats_l_340m")
   m = config.model
   names = layer_mixers(m)
   assert [i for i, n in enumerate(names) if n == "nats_l"] == [3, 7, 11, 15, 19, 20]
@@ -398,14 +390,16 @@ def test_ssa_extra_parameters_stay_under_half_a_percent_and_use_their_own_lr():
   assert extra == 1 + (2 + 2) * 32  # α plus one vector per query and kv head
   assert extra / base < 0.005, extra / base
   params = nnx.state(model, nnx.Param)
-  flat = jax.tree_util.tree_flatten_with_path(optim.temperature_mask(params))[0]
+  flat = jax.tree_util.tree_flatten_with_path(
+    optim.temperature_mask(params, attention.registry.temperature_names())
+  )[0]
   chosen = sorted(jax.tree_util.keystr(p) for p, m in flat if m)
   # Only the position slope α (the official recipe's β); u trains at the base lr.
   assert len(chosen) == 2 and all("ssa_alpha" in k for k in chosen)
   # The temperature group moves at its own learning rate.
   cfg = config_lib.base_config().optim
   cfg.update(dict(lr=1e-3, temperature_lr=1e-1, warmup_steps=0, weight_decay=0.0))
-  tx = optim.make_optimizer(cfg, total_steps=10)
+  tx = optim.make_optimizer(cfg, total_steps=10, temperature=attention.registry.temperature_names())
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   layer = updates["blocks"][0]["mixer"]

@@ -3,7 +3,6 @@ jax.distributed (gloo collectives on CPU), one device each, against the same
 run in one process with two devices."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,25 +11,9 @@ import pytest
 
 import attnlab.data
 
-from .conftest import REPO
-from .test_models import _load_config
-from .test_train import _rows
+from .conftest import REPO, TINY_RUN_FLAGS, free_port, load_config, metric_rows
 
 pytestmark = pytest.mark.slow
-
-_FLAGS = [
-  "--config=configs/tiny.py:steps=4",
-  "--config.mesh.data=2",
-  "--config.data.batch_size=8",
-  "--config.data.eval_batch_size=8",
-  "--config.data.seq_len=32",
-  "--config.data.num_kv_pairs=4",
-  "--config.log_every=1",
-  "--config.eval_every=4",
-  "--config.eval_batches=1",
-  "--config.checkpoint_every=2",
-  "--config.progress=False",
-]
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -39,14 +22,8 @@ def _env(devices: int) -> dict[str, str]:
   return env
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_synthetic_batches_do_not_depend_on_the_process_count():
-  data = _load_config("tiny").data
+  data = load_config("tiny").data
   whole = next(iter(attnlab.data.make_dataset(data, seed=3, train=True)))
   parts = [
     next(
@@ -60,12 +37,12 @@ def test_synthetic_batches_do_not_depend_on_the_process_count():
 
 
 def test_two_processes_on_loopback_match_one_process(tmp_path):
-  train = [sys.executable, "-m", "attnlab.train", *_FLAGS]
+  train = [sys.executable, "-m", "attnlab.train", *TINY_RUN_FLAGS]
   single = str(tmp_path / "single")
   subprocess.run([*train, f"--workdir={single}"], cwd=REPO, env=_env(2), check=True, timeout=300)
 
   multi = str(tmp_path / "multi")
-  port = _free_port()
+  port = free_port()
   procs = [
     subprocess.Popen(
       [
@@ -91,7 +68,7 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
 
-  expected, got = _rows(single), _rows(multi)  # only process 0 writes metrics
+  expected, got = metric_rows(single), metric_rows(multi)  # only process 0 writes metrics
   assert [r["step"] for r in got] == [1, 2, 3, 4]
   for key in ("train/loss", "train/accuracy"):
     np.testing.assert_allclose([r[key] for r in got], [r[key] for r in expected], rtol=1e-5)

@@ -13,7 +13,8 @@ from flax import nnx
 from attnlab import plan
 from attnlab.models.transformer import build_model
 from tests.conftest import REPO, tpu_mesh
-from tests.test_models import _load_config
+
+from .conftest import load_config
 
 # (config, slice, overrides): the slices the README names for each config. Two are cut to fit
 # the CI budget, with the same layer kinds and widths: NAtS-L's hybrid pattern cannot be
@@ -42,7 +43,7 @@ LARGE = [
 @pytest.mark.parametrize("name,topology,model_overrides", LARGE)
 def test_large_config_compiles_and_fits(name, topology, model_overrides, record_property):
   tpu_mesh("v5e:2x2")  # skips with the reason where libtpu is missing
-  config = _load_config(name)
+  config = load_config(name)
   with config.unlocked():
     for key, value in model_overrides.items():
       section, field = key.split(".")

@@ -16,38 +16,16 @@ import numpy as np
 import pytest
 
 import attnlab.data
-from attnlab import evaluate, generate, trainer
+from attnlab import evaluate, generate, loader, trainer
 
-from .conftest import REPO
-from .test_models import _load_config
+from .conftest import REPO, load_config, loss_by_step, metric_rows, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-def _tiny(**overrides):
-  c = _load_config("tiny")
-  c.progress = False
-  c.total_steps = 30
-  c.log_every = 1
-  c.eval_every = 10
-  c.eval_batches = 1
-  c.checkpoint_every = 10
-  c.data.batch_size = 8
-  c.data.eval_batch_size = 8
-  c.data.seq_len = 32
-  c.data.num_kv_pairs = 4
-  for key, value in overrides.items():
-    target = c
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
-  return c
-
-
 def test_tiny_default_solves_mqar(tmp_path):
   """configs/tiny.py as shipped (softmax + Canon conv) learns the recall task."""
-  c = _load_config("tiny")
+  c = load_config("tiny")
   c.progress = False
   c.total_steps = 300
   c.eval_every = 300
@@ -56,19 +34,10 @@ def test_tiny_default_solves_mqar(tmp_path):
   assert final["eval/accuracy"] >= 0.9, final  # plain softmax: ≈ 0.2 at this step
 
 
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _loss_by_step(workdir):
-  return {r["step"]: r["train/loss"] for r in _rows(workdir)}  # later rows win
-
-
 def test_tiny_run_writes_metrics_checkpoints_and_generates(tmp_path):
   workdir = str(tmp_path / "run")
-  final = trainer.train_and_evaluate(_tiny(), workdir)
-  rows = _rows(workdir)
+  final = trainer.train_and_evaluate(tiny_config(), workdir)
+  rows = metric_rows(workdir)
   assert [r["step"] for r in rows] == list(range(1, 31))
   for key in ("train/loss", "train/accuracy", "train/tokens_per_sec", "train/lr"):
     assert key in rows[-1]
@@ -80,7 +49,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_generates(tmp_path):
   )
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30"]
 
-  model, config, step = generate.load_model(workdir)
+  model, config, step = loader.load_model(workdir)
   assert step == 30 and config.model.d_model == 64
   prompt = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 7)), jnp.int32)
   greedy = generate.generate(model, prompt, max_new_tokens=6)
@@ -106,7 +75,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_generates(tmp_path):
 
 def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
   reference = str(tmp_path / "reference")
-  trainer.train_and_evaluate(_tiny(), reference)
+  trainer.train_and_evaluate(tiny_config(), reference)
 
   real_make_dataset = attnlab.data.make_dataset
 
@@ -127,12 +96,12 @@ def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
   resumed = str(tmp_path / "resumed")
   monkeypatch.setattr(attnlab.data, "make_dataset", crashing_make_dataset)
   with pytest.raises(RuntimeError, match="simulated crash"):
-    trainer.train_and_evaluate(_tiny(), resumed)
+    trainer.train_and_evaluate(tiny_config(), resumed)
   monkeypatch.setattr(attnlab.data, "make_dataset", real_make_dataset)
   assert max(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints"))) == 20
-  trainer.train_and_evaluate(_tiny(), resumed)  # resumes from step 20
+  trainer.train_and_evaluate(tiny_config(), resumed)  # resumes from step 20
 
-  expected, got = _loss_by_step(reference), _loss_by_step(resumed)
+  expected, got = loss_by_step(reference), loss_by_step(resumed)
   assert sorted(got) == list(range(1, 31))
   np.testing.assert_allclose(
     [got[s] for s in range(1, 31)], [expected[s] for s in range(1, 31)], rtol=1e-5
@@ -141,21 +110,25 @@ def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
 
 def test_sharded_step_on_8_devices_equals_single_device(tmp_path):
   assert jax.device_count() == 8
-  single = _tiny(total_steps=3, eval_every=3, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
-  sharded = _tiny(total_steps=3, eval_every=3, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  single = tiny_config(
+    total_steps=3, eval_every=3, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
+  )
+  sharded = tiny_config(
+    total_steps=3, eval_every=3, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  )
   a = trainer.train_and_evaluate(single, str(tmp_path / "single"))
   b = trainer.train_and_evaluate(sharded, str(tmp_path / "sharded"))
-  la, lb = _loss_by_step(str(tmp_path / "single")), _loss_by_step(str(tmp_path / "sharded"))
+  la, lb = loss_by_step(str(tmp_path / "single")), loss_by_step(str(tmp_path / "sharded"))
   np.testing.assert_allclose([lb[s] for s in (1, 2, 3)], [la[s] for s in (1, 2, 3)], rtol=2e-5)
   np.testing.assert_allclose(b["eval/loss"], a["eval/loss"], rtol=2e-5)
   # Gradient accumulation over 2 microbatches with remat is the same step too.
-  accumulated = _tiny(
+  accumulated = tiny_config(
     total_steps=3,
     eval_every=3,
     **{"optim.grad_accum_steps": 2, "model.remat": True, "mesh.data": 1},
   )
   trainer.train_and_evaluate(accumulated, str(tmp_path / "accumulated"))
-  lc = _loss_by_step(str(tmp_path / "accumulated"))
+  lc = loss_by_step(str(tmp_path / "accumulated"))
   np.testing.assert_allclose([lc[s] for s in (1, 2, 3)], [la[s] for s in (1, 2, 3)], rtol=2e-5)
 
 
@@ -165,7 +138,7 @@ def test_state_is_created_sharded_by_the_logical_rules():
 
   from attnlab import sharding, train_state
 
-  config = _tiny(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.config_rules(config.sharding_rules)
   _, init, _ = train_state.initializer(config)
@@ -184,13 +157,15 @@ def test_nan_guard_names_the_first_bad_step(tmp_path):
   # Logging every 10 steps, the guard still finds the exact first bad step...
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+") as sparse:
     trainer.train_and_evaluate(
-      _tiny(total_steps=20, log_every=10, **overrides), str(tmp_path / "a")
+      tiny_config(total_steps=20, log_every=10, **overrides), str(tmp_path / "a")
     )
   bad_step = int(re.search(r"at step (\d+)", str(sparse.value)).group(1))
   # ...which is the step after the last finite one when every step is logged.
   with pytest.raises(trainer.NonFiniteLossError, match=rf"at step {bad_step}\b"):
-    trainer.train_and_evaluate(_tiny(total_steps=20, log_every=1, **overrides), str(tmp_path / "b"))
-  rows = _rows(str(tmp_path / "b"))
+    trainer.train_and_evaluate(
+      tiny_config(total_steps=20, log_every=1, **overrides), str(tmp_path / "b")
+    )
+  rows = metric_rows(str(tmp_path / "b"))
   assert [r["step"] for r in rows] == list(range(1, bad_step))
   assert all(np.isfinite(r["train/loss"]) for r in rows)
   assert not os.path.exists(os.path.join(tmp_path, "b", "checkpoints", str(bad_step)))
@@ -212,12 +187,12 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 120
-  while time.time() < deadline and (not os.path.exists(metrics) or len(_rows(workdir)) < 5):
+  while time.time() < deadline and (not os.path.exists(metrics) or len(metric_rows(workdir)) < 5):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
-  stopped_at = _rows(workdir)[-1]["step"]
+  stopped_at = metric_rows(workdir)[-1]["step"]
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped_at)]
   rerun = subprocess.run(
     cmd[:-2] + [f"--config.total_steps={stopped_at + 3}"],
@@ -227,7 +202,7 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
     timeout=120,
   )
   assert rerun.returncode == 0, rerun.stderr
-  steps = [r["step"] for r in _rows(workdir)]
+  steps = [r["step"] for r in metric_rows(workdir)]
   assert steps[-4:] == [stopped_at, stopped_at + 1, stopped_at + 2, stopped_at + 3]
 
 
@@ -243,24 +218,24 @@ def test_ssa_with_its_temperature_lr_group_trains_and_resumes(tmp_path):
   """A second optimizer group masks parts of the state (optax.MaskedNode);
   sharding and restoring must keep that structure."""
   workdir = str(tmp_path / "ssa")
-  config = _tiny(**{"model.attention": "ssa", "total_steps": 8, "checkpoint_every": 4})
+  config = tiny_config(**{"model.attention": "ssa", "total_steps": 8, "checkpoint_every": 4})
   trainer.train_and_evaluate(config, workdir)
-  config = _tiny(**{"model.attention": "ssa", "total_steps": 10, "checkpoint_every": 4})
+  config = tiny_config(**{"model.attention": "ssa", "total_steps": 10, "checkpoint_every": 4})
   trainer.train_and_evaluate(config, workdir)
-  steps = [r["step"] for r in _rows(workdir)]
-  assert steps[-2:] == [9, 10] and np.isfinite(_rows(workdir)[-1]["train/loss"])
+  steps = [r["step"] for r in metric_rows(workdir)]
+  assert steps[-2:] == [9, 10] and np.isfinite(metric_rows(workdir)[-1]["train/loss"])
 
 
 def test_evaluate_applies_config_overrides_to_the_saved_run(tmp_path):
   """LSSA trains by default; LSSAR's power is an evaluation-time override
   (`python -m attnlab.evaluate --config.model.mixer.softplus.power=15`)."""
   workdir = str(tmp_path / "lssa")
-  config = _tiny(**{"model.attention": "softplus", "total_steps": 2, "eval_every": 0})
+  config = tiny_config(**{"model.attention": "softplus", "total_steps": 2, "eval_every": 0})
   trainer.train_and_evaluate(config, workdir)
-  model, loaded, _ = generate.load_model(workdir)
+  model, loaded, _ = loader.load_model(workdir)
   assert loaded.model.mixer.softplus.power == 0.0 and model.blocks[0].mixer.power is None
   overrides = {"model.mixer.softplus.power": 15.0}
-  lssar, loaded, _ = generate.load_model(workdir, overrides=overrides)
+  lssar, loaded, _ = loader.load_model(workdir, overrides=overrides)
   assert loaded.model.mixer.softplus.power == 15.0 and lssar.blocks[0].mixer.power == 15.0
 
   cmd = [sys.executable, "-m", "attnlab.evaluate", f"--workdir={workdir}", "--tokens=256"]
@@ -291,7 +266,7 @@ def test_train_step_reports_nats_l_block_fraction_per_layer(scan):
   are off by default, so the model's state stays fixed elsewhere)."""
   from attnlab import train_state
 
-  c = _tiny(**{"model.attention": "nats_l", "model.scan_layers": scan})
+  c = tiny_config(**{"model.attention": "nats_l", "model.scan_layers": scan})
   c.model.mixer.nats_l.block_size = 8
   graphdef, init, tx = train_state.initializer(c)
   state = init(jax.random.key(0))
