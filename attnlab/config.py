@@ -11,8 +11,6 @@ import ast
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
-from attnlab.models.attention import registry
-
 DEFAULT_RULES = (
   ("batch", ("data", "fsdp")),
   ("length", None),
@@ -24,6 +22,54 @@ DEFAULT_RULES = (
   ("norm", None),
   ("layers", None),  # the stacked-layer axis of scan_layers
 )
+
+
+def mixer_options() -> ConfigDict:
+  """`config.model.mixer`: each attention variant's options, by registry name.
+
+  The variant's mixer (attnlab/models/attention/<name>.py) reads them, and
+  `registry.build` rejects names not listed here. `implementation` picks an
+  op backend (None: by platform, see attnlab/ops/_dispatch.py).
+  """
+  return ConfigDict(
+    {
+      "softmax": dict(implementation=None),
+      "linear": dict(feature_map="elu1", normalize=True, chunk_size=64, implementation=None),
+      "gated_deltanet": dict(
+        num_heads=0,  # 0: the trunk's num_heads
+        head_dim=0,  # 0: the trunk's head_dim
+        num_v_heads=0,  # 0: num_heads; more gives grouped value heads
+        expand_v=2.0,
+        conv_size=4,
+        allow_neg_eigval=False,
+        use_gate=True,
+        chunk_size=64,
+        implementation=None,
+      ),
+      "nats_l": dict(
+        num_heads=0,  # 0: the trunk's num_heads (delta heads = NAtS heads)
+        head_dim=0,  # 0: the trunk's head_dim (delta key dim)
+        num_attn_heads=0,  # 0: twice num_heads, as in the paper's configs
+        expand_v=2.0,
+        conv_size=4,
+        allow_neg_eigval=False,
+        block_size=64,
+        implementation=None,
+      ),
+      "lucid": dict(eps=1e-5, block_size=64, implementation=None),
+      "ssa": dict(alpha_init=-7.0, token_temperature=True, implementation=None),
+      "soft": dict(
+        num_landmarks=32,
+        newton_iters=20,
+        ridge=0.01,
+        normalize=True,
+        conv_size=3,
+        chunk_size=64,
+        implementation=None,
+      ),
+      "softplus": dict(power=0.0, implementation=None),  # power 0: LSSA; > 0: LSSAR
+    }
+  )
 
 
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
@@ -94,7 +140,7 @@ def base_config() -> ConfigDict:
   m.remat = False
   m.scan_layers = False  # one scanned layer body (uniform variants only): fast compiles
   m.max_len = 256  # default decoding cache length
-  m.mixer = registry.default_options()
+  m.mixer = mixer_options()
 
   d = c.data = ConfigDict()
   d.task = "mqar"  # mqar | needle | tfds

@@ -155,3 +155,31 @@ def test_prepare_trains_a_sentencepiece_tokenizer(tmp_path):
   assert tokenizer.decode(ids) == text  # byte fallback: nothing is lost
   assert len(ids) < len(text.encode()) / 1.5  # merges learned from the corpus
   tokenizers.check_vocab_size(tokenizer, 512)
+
+
+def test_the_config_system_imports_no_model_code():
+  """config.py and optim.py sit below the models: importing them loads no mixer."""
+  code = (
+    "import sys; import attnlab.config, attnlab.optim; "
+    "print(sorted(m for m in sys.modules if m.startswith('attnlab.models')))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_variant_has_config_options_and_unknown_ones_fail_at_build():
+  from flax import nnx
+
+  from attnlab.models import attention, build_model
+
+  assert set(config_lib.mixer_options()) == set(attention.names())
+  model = load_config("tiny").model
+  model.mixer.softplus.power = 15.0
+  assert attention.registry.options("softplus", model).power == 15.0
+  with model.unlocked():
+    del model.mixer["lucid"]  # a config saved before a variant existed takes its defaults
+    assert attention.registry.options("lucid", model).eps == config_lib.mixer_options().lucid.eps
+    model.mixer.softplus.pwer = 15.0  # a typo set inside get_config, before it locks
+  model.attention = "softplus"
+  with pytest.raises(ValueError, match=r"model.mixer.softplus: unknown option\(s\) \['pwer'\]"):
+    build_model(model, nnx.Rngs(0))

@@ -308,7 +308,7 @@ def test_registry_lists_variants_and_rejects_duplicates():
     attention.names()
   )
   with pytest.raises(ValueError, match="registered twice"):
-    attention.registry.register("softmax", options={}, uses_rope=True)(object)
+    attention.registry.register("softmax", uses_rope=True)(object)
 
 
 def test_softmax_1b_parameter_count():

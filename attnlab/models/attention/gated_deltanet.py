@@ -98,17 +98,6 @@ def gated_output_norm(norm: layers.RMSNorm, o: jax.Array, gate: jax.Array | None
 
 @registry.register(
   "gated_deltanet",
-  options=dict(
-    num_heads=0,  # 0: the trunk's num_heads
-    head_dim=0,  # 0: the trunk's head_dim
-    num_v_heads=0,  # 0: num_heads; more gives grouped value heads
-    expand_v=2.0,
-    conv_size=4,
-    allow_neg_eigval=False,
-    use_gate=True,
-    chunk_size=64,
-    implementation=None,
-  ),
   uses_rope=False,
   no_decay=("A_log", "dt_bias"),
 )

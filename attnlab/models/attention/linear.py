@@ -18,11 +18,7 @@ FEATURE_MAPS = {
 }
 
 
-@registry.register(
-  "linear",
-  options=dict(feature_map="elu1", normalize=True, chunk_size=64, implementation=None),
-  uses_rope=False,
-)
+@registry.register("linear", uses_rope=False)
 class LinearAttention(base.Mixer):
   """φ(q)·φ(k) attention (Katharopoulos et al., 2020); state [B,H,D,D]."""
 

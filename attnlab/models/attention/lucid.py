@@ -23,9 +23,7 @@ from attnlab import ops
 from attnlab.models.attention import registry, softmax
 
 
-@registry.register(
-  "lucid", options=dict(eps=1e-5, block_size=64, implementation=None), uses_rope=False
-)
+@registry.register("lucid", uses_rope=False)
 class LucidAttention(softmax.SoftmaxAttention):
   """LUCID: [B, T, d_model] -> [B, T, d_model]; cache of (k, v′)."""
 

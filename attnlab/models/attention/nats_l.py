@@ -85,16 +85,6 @@ def straight_through_types(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @registry.register(
   "nats_l",
-  options=dict(
-    num_heads=0,  # 0: the trunk's num_heads (delta heads = NAtS heads)
-    head_dim=0,  # 0: the trunk's head_dim (delta key dim)
-    num_attn_heads=0,  # 0: twice num_heads, as in the paper's configs
-    expand_v=2.0,
-    conv_size=4,
-    allow_neg_eigval=False,
-    block_size=64,
-    implementation=None,
-  ),
   uses_rope=False,
   no_decay=("A_log", "dt_bias"),
 )

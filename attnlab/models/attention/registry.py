@@ -1,9 +1,9 @@
 """The one registry of attention variants, by name.
 
-A variant registers its mixer class with its default options (which become
-`config.model.mixer.<name>`), whether it uses RoPE by default, and which of
-its parameters are exempt from weight decay or use the temperature learning
-rate.
+A variant registers its mixer class, whether it uses RoPE by default, and
+which of its parameters are exempt from weight decay or use the temperature
+learning rate. Its options live in the config (`config.model.mixer.<name>`,
+defaults in `attnlab.config.mixer_options`); `build` checks them.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from collections.abc import Callable
 from flax import nnx
 from ml_collections import ConfigDict
 
+from attnlab import config as config_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
   mixer_cls: type
-  options: dict
   uses_rope: bool
   no_decay: tuple[str, ...] = ()
   temperature: tuple[str, ...] = ()
@@ -31,7 +32,6 @@ _VARIANTS: dict[str, Variant] = {}
 def register(
   name: str,
   *,
-  options: dict,
   uses_rope: bool,
   no_decay: tuple[str, ...] = (),
   temperature: tuple[str, ...] = (),
@@ -41,9 +41,7 @@ def register(
   def wrap(cls: type) -> type:
     if name in _VARIANTS:
       raise ValueError(f"attention variant {name!r} registered twice")
-    _VARIANTS[name] = Variant(
-      name, cls, dict(options), uses_rope, tuple(no_decay), tuple(temperature)
-    )
+    _VARIANTS[name] = Variant(name, cls, uses_rope, tuple(no_decay), tuple(temperature))
     return cls
 
   return wrap
@@ -59,11 +57,6 @@ def names() -> list[str]:
   return sorted(_VARIANTS)
 
 
-def default_options() -> ConfigDict:
-  """{variant name: its options}: the `config.model.mixer` block."""
-  return ConfigDict({name: dict(v.options) for name, v in sorted(_VARIANTS.items())})
-
-
 def no_decay_names() -> frozenset[str]:
   return frozenset(n for v in _VARIANTS.values() for n in v.no_decay)
 
@@ -73,9 +66,28 @@ def temperature_names() -> frozenset[str]:
   return frozenset(n for v in _VARIANTS.values() for n in v.temperature)
 
 
+def options(name: str, model: ConfigDict) -> ConfigDict:
+  """Variant `name`'s options: `model.mixer.<name>` over the defaults of
+  `config.mixer_options` (a config saved before an option existed still
+  builds). Unknown option names are an error, not silently ignored."""
+  defaults = config_lib.mixer_options()
+  if name not in defaults:
+    raise ValueError(
+      f"attention variant {name!r} has no options in attnlab.config.mixer_options; add them there"
+    )
+  merged = ConfigDict(defaults[name])
+  given = model.mixer[name] if name in model.mixer else {}
+  unknown = sorted(set(given) - set(merged))
+  if unknown:
+    raise ValueError(
+      f"model.mixer.{name}: unknown option(s) {unknown}; {name} takes {sorted(merged)}"
+    )
+  merged.update(dict(given))
+  return merged
+
+
 def build(name: str, model: ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
   """Instantiates variant `name` with the trunk config and its options."""
   variant = get(name)
   use_rope = variant.uses_rope if model.rope is None else bool(model.rope)
-  options = model.mixer[name] if name in model.mixer else ConfigDict(variant.options)
-  return variant.mixer_cls(model, options, use_rope=use_rope, rngs=rngs)
+  return variant.mixer_cls(model, options(name, model), use_rope=use_rope, rngs=rngs)

@@ -40,15 +40,6 @@ from attnlab.models.attention import base, registry
 
 @registry.register(
   "soft",
-  options=dict(
-    num_landmarks=32,
-    newton_iters=20,
-    ridge=0.01,
-    normalize=True,
-    conv_size=3,
-    chunk_size=64,
-    implementation=None,
-  ),
   uses_rope=False,
   no_decay=("landmarks",),
 )

@@ -12,7 +12,7 @@ from attnlab.models import layers
 from attnlab.models.attention import base, registry
 
 
-@registry.register("softmax", options=dict(implementation=None), uses_rope=True)
+@registry.register("softmax", uses_rope=True)
 class SoftmaxAttention(base.Mixer):
   """Multi-head causal softmax attention; the cache holds k and v.
 

@@ -20,7 +20,7 @@ from attnlab import ops
 from attnlab.models.attention import registry, softmax
 
 
-@registry.register("softplus", options=dict(power=0.0, implementation=None), uses_rope=True)
+@registry.register("softplus", uses_rope=True)
 class SoftplusAttention(softmax.SoftmaxAttention):
   """LSSA / LSSAR: [B, T, d_model] -> [B, T, d_model]; KV cache."""
 

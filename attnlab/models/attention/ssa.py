@@ -39,7 +39,6 @@ from attnlab.models.attention import registry, softmax
 
 @registry.register(
   "ssa",
-  options=dict(alpha_init=-7.0, token_temperature=True, implementation=None),
   uses_rope=True,
   temperature=("ssa_alpha",),
   no_decay=("ssa_alpha", "ssa_u_q", "ssa_u_v"),
