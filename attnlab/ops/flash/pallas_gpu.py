@@ -217,7 +217,7 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     return acc + pv(b, k_start), bsum + jnp.sum(b, axis=1)
 
   acc, bsum = _loop(full, last, body, (acc, zeros))
-  r["o"][...] = (acc * _tile.safe_inverse(bsum)[:, None]).astype(r["o"].dtype)
+  r["o"][...] = (acc * _tile.safe_reciprocal(bsum)[:, None]).astype(r["o"].dtype)
   r["z"][...] = z
   r["xmax"][...] = xmax
   r["bsum"][...] = bsum
@@ -481,7 +481,7 @@ def flash_attention(
   if kind not in _tile.KINDS or (kind == "lssar") != (power is not None):
     raise ValueError(f"bad kind/power: {kind!r}, {power!r}")
   _common.check_shapes(q, k, v, "pallas_gpu")
-  dtype = _common.common_dtype(q, k, v, "pallas_gpu")
+  dtype = _dispatch.kernel_dtype("pallas_gpu", q, k, v)
   blocks = blocks or BlockSizes()
   if interpret is None:
     interpret = _dispatch.interpret_default("gpu", q)

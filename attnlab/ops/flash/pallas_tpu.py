@@ -209,7 +209,7 @@ def _row_kernel(*refs, cfg: _Config, phase: str, names: tuple[str, ...], num_k: 
     elif phase == "lssar_out":
       bsum = r["acc_bsum"][...]
       r["bsum"][...] = bsum
-      inv = _lanes(_tile.safe_inverse(bsum), r["o"].shape[-1])
+      inv = _lanes(_tile.safe_reciprocal(bsum), r["o"].shape[-1])
       r["o"][...] = (r["acc_o"][...] * inv).astype(r["o"].dtype)
     elif phase == "lssar_eps":
       r["eps"][...] = r["acc_eps"][...]
@@ -503,7 +503,7 @@ def flash_attention(
   if kind not in _tile.KINDS or (kind == "lssar") != (power is not None):
     raise ValueError(f"bad kind/power: {kind!r}, {power!r}")
   _common.check_shapes(q, k, v, "pallas_tpu")
-  dtype = _common.common_dtype(q, k, v, "pallas_tpu")
+  dtype = _dispatch.kernel_dtype("pallas_tpu", q, k, v)
   t = q.shape[1]
   fit = _common.round_up(t, LANES)
   bq = block_q or min(DEFAULT_BLOCK, fit)
