@@ -1,17 +1,22 @@
 """Flash-style causal attention kernels for NVIDIA GPUs (Pallas, Triton lowering).
 
-Backend choice. jax 0.11 offers two Pallas GPU lowerings: Mosaic GPU
-(`jax.experimental.pallas.mosaic_gpu`, `plgpu.kernel`, wgmma/TMA, warp
-specialisation) and the older Triton lowering (`pl.pallas_call` with
-`jax.experimental.pallas.triton.CompilerParams`), deprecated in 0.11 but
-still shipped and working in 0.11.2 (it warns at lowering). These kernels
-use the Triton lowering, because:
+Backend choice. jax (0.10.2 as pinned here; the H200 runs in
+`benchmarks/results/` used 0.11.2) offers two Pallas GPU lowerings: Mosaic
+GPU (`jax.experimental.pallas.mosaic_gpu`, `plgpu.kernel`, wgmma/TMA, warp
+specialisation), the default, and the older Triton lowering
+(`pl.pallas_call` with `jax.experimental.pallas.triton.CompilerParams`),
+still shipped and working in both versions. These kernels use the Triton
+lowering, because:
 
-- correctness first: the same kernel bodies run in Pallas interpret mode on
-  a CPU, so the CPU test-suite checks the GPU kernels' forward and every
-  gradient (softmax, LSSA, two-pass LSSAR) against the xla path. Mosaic GPU
-  kernels (wgmma, barriers, warpgroup layouts) do not interpret on a CPU
-  jaxlib, and none of this work could be run on a GPU while it was written;
+- correctness first: the kernel bodies are plain Pallas tile code, which
+  runs in Pallas's generic interpret mode (`interpret=True`) on a CPU, so
+  the CPU test-suite checks the GPU kernels' forward and every gradient
+  (softmax, LSSA, two-pass LSSAR) against the xla path. Mosaic GPU kernels
+  can be interpreted on a CPU too, by a separate interpreter that simulates
+  shared memory, barriers, TMA copies and wgmma (in jax 0.10.2 reached as
+  `interpret=jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams()`,
+  not yet exported publicly), so this is no reason to avoid a Mosaic GPU
+  port; it would need its own interpret-mode tests;
 - the whole family (row and column logit factors, LSSAR's second pass,
   the ε pass of its backward) is plain tile code here, where a Mosaic GPU
   version needs hand-managed shared-memory pipelines per variant;
