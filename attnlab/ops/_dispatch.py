@@ -27,8 +27,10 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-# Inputs the Pallas kernels accept; anything else (float64 under x64) takes 'xla'.
-KERNEL_DTYPES = frozenset(map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)))
+# Inputs the Pallas kernels accept (the one definition every kernel checks
+# against); anything else (float64 under x64) takes 'xla'.
+_KERNEL_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+KERNEL_DTYPES = frozenset(map(jnp.dtype, _KERNEL_DTYPE_NAMES))
 
 _PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
@@ -71,6 +73,18 @@ def target_platform(*arrays: jax.Array | None) -> str:
       return _PLATFORM_ALIASES.get(platform, platform)
   backend = jax.default_backend()
   return _PLATFORM_ALIASES.get(backend, backend)
+
+
+def kernel_dtype(op_name: str, *arrays: jax.Array) -> jnp.dtype:
+  """The arrays' common dtype, which a Pallas kernel takes; ValueError if none does."""
+  dtype = jnp.dtype(jnp.result_type(*arrays))
+  if dtype not in KERNEL_DTYPES:
+    names = ", ".join(_KERNEL_DTYPE_NAMES[:-1]) + " or " + _KERNEL_DTYPE_NAMES[-1]
+    raise ValueError(
+      f"{op_name}: the Pallas kernels take {names} inputs, got {dtype}; "
+      "use implementation='xla' for other dtypes"
+    )
+  return dtype
 
 
 def interpret_default(kernel_platform: str, *arrays: jax.Array | None) -> bool:

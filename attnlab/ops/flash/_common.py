@@ -14,18 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-
-
-def common_dtype(q: jax.Array, k: jax.Array, v: jax.Array, op_name: str) -> jnp.dtype:
-  """The kernels' input dtype; float64 (x64 tests) has no kernel."""
-  dtype = jnp.result_type(q, k, v)
-  if dtype not in KERNEL_DTYPES:
-    raise ValueError(
-      f"{op_name}: the Pallas kernels take bfloat16, float16 or float32 inputs, got {dtype}; "
-      "use implementation='xla' for other dtypes"
-    )
-  return dtype
+from attnlab.ops import _softplus_semantics as semantics
 
 
 def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, op_name: str) -> None:
@@ -38,10 +27,8 @@ def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, op_name: str) -> None
 
 
 def inverse_norm(x: jax.Array) -> jax.Array:
-  """1/‖x‖ over the last axis in float32; 0 for a zero vector, as the xla path."""
-  squared = jnp.sum(jnp.square(x.astype(jnp.float32)), -1)
-  nonzero = squared > 0
-  return jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
+  """1/‖x‖ over the last axis (dropped) in float32; 0 for a zero vector."""
+  return semantics.inverse_norm(x.astype(jnp.float32))[..., 0]
 
 
 def softplus_factors(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:

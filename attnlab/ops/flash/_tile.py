@@ -5,8 +5,10 @@ quantities shaped to broadcast against it ([block_q, 1] or already tiled) and
 column quantities shaped [1, block_k]. Both backends call these from inside
 their kernels, so the formulas below are the single source of the kernels'
 semantics. They mirror `attnlab.ops.softplus.xla` step by step (softplus,
-L1, ReLU(A·i − O), max rescale, power, L1) so that rounding-sensitive
-decisions such as the 16-ulp slack happen the same way.
+L1, ReLU(A·i − O), max rescale, power, L1), and take the rules both share
+(the offset with its rounding slack, the safe reciprocal) from
+`attnlab.ops._softplus_semantics`, so that rounding-sensitive decisions such
+as the slack happen the same way.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnlab.ops import _softplus_semantics as semantics
+
 # Finite stand-in for -inf: keeps exp(m_old - m_new) NaN-free on fully masked rows.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-# In units of float32 eps; equal to attnlab.ops.softplus.xla.ROUNDING_SLACK.
-ROUNDING_SLACK = 16
-_EPS32 = float(np.finfo(np.float32).eps)
 
 KINDS = ("softmax", "lssa", "lssar")
 
@@ -37,18 +38,13 @@ def power(y: jax.Array, p: float) -> jax.Array:
   return jnp.where(positive, jnp.exp(p * jnp.log(jnp.where(positive, y, 1.0))), 0.0)
 
 
-def lssar_offset(n: jax.Array) -> jax.Array:
-  """O_i plus the rounding slack; n is the 1-based row position (float)."""
-  return jnp.where(n <= 3, 0.0, 1.0) + ROUNDING_SLACK * _EPS32
-
-
 def lssar_x(a: jax.Array, z: jax.Array, n: jax.Array) -> jax.Array:
-  """ReLU(A·i − O) with A = a / Z, in the same operation order as the xla path.
+  """ReLU(A·i − O) with A = a / Z (the xla path multiplies by 1/Z instead).
 
   Monotone in `a`, so applied to the row max of `a` it gives the row max of x
   bit for bit.
   """
-  return jnp.maximum(a / z * n - lssar_offset(n), 0.0)
+  return jnp.maximum(a / z * n - semantics.lssar_offset(n, jnp.float32), 0.0)
 
 
 def lssar_y(a, z, xmax, n, mask):
@@ -58,10 +54,8 @@ def lssar_y(a, z, xmax, n, mask):
   return jnp.where(mask & alive, y, 0.0)
 
 
-def safe_inverse(x: jax.Array) -> jax.Array:
-  """1/x, and 0 where x == 0 (rows that output 0)."""
-  positive = x > 0
-  return jnp.where(positive, 1.0 / jnp.where(positive, x, 1.0), 0.0)
+# 1/x, and 0 where x == 0 (rows that output 0).
+safe_reciprocal = semantics.safe_reciprocal
 
 
 def lssar_dweights(y, dp, delta, n, xmax, bsum, p):
@@ -71,7 +65,7 @@ def lssar_dweights(y, dp, delta, n, xmax, bsum, p):
   dy/dA = i / max(x) where x > 0 (the max is a constant: the result is
   scale-invariant per row).
   """
-  row = n * p * safe_inverse(bsum) * safe_inverse(xmax)
+  row = n * p * safe_reciprocal(bsum) * safe_reciprocal(xmax)
   return jnp.where(y > 0, row * power(y, p - 1.0) * (dp - delta), 0.0)
 
 
@@ -110,7 +104,7 @@ def backward_tile(
     w = jnp.where(mask, a * inv_z, 0.0)
     return w, jnp.where(mask, (dp - delta) * inv_z * sig, 0.0)
   y = lssar_y(a, z, xmax, n, mask)
-  w = power(y, p) * safe_inverse(bsum)
+  w = power(y, p) * safe_reciprocal(bsum)
   da = lssar_dweights(y, dp, delta, n, xmax, bsum, p)
   # A = a/Z: the row sum Z carries -eps/Z back to every visible entry.
   return w, jnp.where(mask, (da - eps) * inv_z * sig, 0.0)

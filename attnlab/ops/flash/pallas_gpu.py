@@ -1,17 +1,22 @@
 """Flash-style causal attention kernels for NVIDIA GPUs (Pallas, Triton lowering).
 
-Backend choice. jax 0.11 offers two Pallas GPU lowerings: Mosaic GPU
-(`jax.experimental.pallas.mosaic_gpu`, `plgpu.kernel`, wgmma/TMA, warp
-specialisation) and the older Triton lowering (`pl.pallas_call` with
-`jax.experimental.pallas.triton.CompilerParams`), deprecated in 0.11 but
-still shipped and working in 0.11.2 (it warns at lowering). These kernels
-use the Triton lowering, because:
+Backend choice. jax (0.10.2 as pinned here; the H200 runs in
+`benchmarks/results/` used 0.11.2) offers two Pallas GPU lowerings: Mosaic
+GPU (`jax.experimental.pallas.mosaic_gpu`, `plgpu.kernel`, wgmma/TMA, warp
+specialisation), the default, and the older Triton lowering
+(`pl.pallas_call` with `jax.experimental.pallas.triton.CompilerParams`),
+still shipped and working in both versions. These kernels use the Triton
+lowering, because:
 
-- correctness first: the same kernel bodies run in Pallas interpret mode on
-  a CPU, so the CPU test-suite checks the GPU kernels' forward and every
-  gradient (softmax, LSSA, two-pass LSSAR) against the xla path. Mosaic GPU
-  kernels (wgmma, barriers, warpgroup layouts) do not interpret on a CPU
-  jaxlib, and none of this work could be run on a GPU while it was written;
+- correctness first: the kernel bodies are plain Pallas tile code, which
+  runs in Pallas's generic interpret mode (`interpret=True`) on a CPU, so
+  the CPU test-suite checks the GPU kernels' forward and every gradient
+  (softmax, LSSA, two-pass LSSAR) against the xla path. Mosaic GPU kernels
+  can be interpreted on a CPU too, by a separate interpreter that simulates
+  shared memory, barriers, TMA copies and wgmma (in jax 0.10.2 reached as
+  `interpret=jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams()`,
+  not yet exported publicly), so this is no reason to avoid a Mosaic GPU
+  port; it would need its own interpret-mode tests;
 - the whole family (row and column logit factors, LSSAR's second pass,
   the ε pass of its backward) is plain tile code here, where a Mosaic GPU
   version needs hand-managed shared-memory pipelines per variant;
@@ -217,7 +222,7 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     return acc + pv(b, k_start), bsum + jnp.sum(b, axis=1)
 
   acc, bsum = _loop(full, last, body, (acc, zeros))
-  r["o"][...] = (acc * _tile.safe_inverse(bsum)[:, None]).astype(r["o"].dtype)
+  r["o"][...] = (acc * _tile.safe_reciprocal(bsum)[:, None]).astype(r["o"].dtype)
   r["z"][...] = z
   r["xmax"][...] = xmax
   r["bsum"][...] = bsum
@@ -481,7 +486,7 @@ def flash_attention(
   if kind not in _tile.KINDS or (kind == "lssar") != (power is not None):
     raise ValueError(f"bad kind/power: {kind!r}, {power!r}")
   _common.check_shapes(q, k, v, "pallas_gpu")
-  dtype = _common.common_dtype(q, k, v, "pallas_gpu")
+  dtype = _dispatch.kernel_dtype("pallas_gpu", q, k, v)
   blocks = blocks or BlockSizes()
   if interpret is None:
     interpret = _dispatch.interpret_default("gpu", q)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +117,148 @@ def _causal(q_start, k_start, bq: int, bk: int):
   return cols <= rows, (rows + 1).astype(_F32)
 
 
+class _Tile(NamedTuple):
+  """One visible (q block, kv block) tile, as every row phase's step sees it."""
+
+  k: jax.Array  # [bk, d] keys
+  p: jax.Array  # [bq, bk] raw products q·kᵀ
+  u: jax.Array  # [bq, bk] logits scale·α·β·p
+  mask: jax.Array  # [bq, bk] causal visibility
+  n: jax.Array  # [bq, bk] 1-based row positions (float)
+  row: dict  # the row statistics the phase reads, as [bq, bk]
+
+
+def _store_o(r, o_scaled) -> None:
+  r["o"][...] = o_scaled.astype(r["o"].dtype)
+
+
+def _softmax_step(r, cfg: _Config, t: _Tile) -> None:
+  """Online softmax: running max m, normaliser l and output, rescaled as m grows."""
+  v = r["v"][...]
+  s = jnp.where(t.mask, t.u, _tile.MASK_VALUE)
+  m_prev = r["acc_m"][...]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  e = jnp.where(t.mask, jnp.exp(s - _lanes(m_next, cfg.block_k)), 0.0)
+  corr = jnp.exp(m_prev - m_next)
+  r["acc_l"][...] = corr * r["acc_l"][...] + jnp.sum(e, axis=1, keepdims=True)
+  r["acc_m"][...] = m_next
+  pv = lax.dot_general(e.astype(v.dtype), v, _NN, preferred_element_type=_F32)
+  r["acc_o"][...] = r["acc_o"][...] * _lanes(corr, v.shape[-1]) + pv
+
+
+def _softmax_finish(r, cfg: _Config, q_start) -> None:
+  total = r["acc_l"][...]
+  r["lse"][...] = r["acc_m"][...] + jnp.log(total)
+  _store_o(r, r["acc_o"][...] / _lanes(total, r["o"].shape[-1]))
+
+
+def _softplus_z(r, t: _Tile) -> jax.Array:
+  """Softplus weights a of the tile (0 where hidden), summed into the row sum Z."""
+  a = jnp.where(t.mask, _tile.softplus(t.u), 0.0)
+  r["acc_z"][...] += _rows_stat(jnp.sum(a, axis=1, keepdims=True))
+  return a
+
+
+def _lssa_step(r, cfg: _Config, t: _Tile) -> None:
+  a = _softplus_z(r, t)
+  v = r["v"][...]
+  r["acc_o"][...] += lax.dot_general(a.astype(v.dtype), v, _NN, preferred_element_type=_F32)
+
+
+def _lssa_finish(r, cfg: _Config, q_start) -> None:
+  z = r["acc_z"][...]
+  r["z"][...] = z
+  _store_o(r, r["acc_o"][...] / _lanes(z, r["o"].shape[-1]))
+
+
+def _lssar_stats_step(r, cfg: _Config, t: _Tile) -> None:
+  """LSSAR's first pass: Z and the row max of a (x is monotone in a)."""
+  a = _softplus_z(r, t)
+  r["acc_amax"][...] = jnp.maximum(r["acc_amax"][...], jnp.max(a, axis=1, keepdims=True))
+
+
+def _lssar_stats_finish(r, cfg: _Config, q_start) -> None:
+  rows = (q_start + lax.broadcasted_iota(jnp.int32, (cfg.block_q, LANES), 0) + 1).astype(_F32)
+  z = r["acc_z"][...]
+  r["z"][...] = z
+  r["xmax"][...] = _tile.lssar_x(r["acc_amax"][...], z, rows)
+
+
+def _lssar_out_step(r, cfg: _Config, t: _Tile) -> None:
+  """LSSAR's second pass: b = (x / max x)^p, its row sum and b·v."""
+  v = r["v"][...]
+  y = _tile.lssar_y(_tile.softplus(t.u), t.row["z"], t.row["xmax"], t.n, t.mask)
+  b = _tile.power(y, cfg.power)
+  r["acc_bsum"][...] += _rows_stat(jnp.sum(b, axis=1, keepdims=True))
+  r["acc_o"][...] += lax.dot_general(b.astype(v.dtype), v, _NN, preferred_element_type=_F32)
+
+
+def _lssar_out_finish(r, cfg: _Config, q_start) -> None:
+  bsum = r["acc_bsum"][...]
+  r["bsum"][...] = bsum
+  inv = _lanes(_tile.safe_reciprocal(bsum), r["o"].shape[-1])
+  _store_o(r, r["acc_o"][...] * inv)
+
+
+def _lssar_eps_step(r, cfg: _Config, t: _Tile) -> None:
+  """The backward's ε = Σ_j A_ij ∂L/∂A_ij, row by row."""
+  dp = lax.dot_general(r["do"][...], r["v"][...], _NT, preferred_element_type=_F32)
+  row = t.row
+  part = _tile.lssar_eps_tile(
+    t.u, t.mask, dp, row["delta"], z=row["z"], xmax=row["xmax"], bsum=row["bsum"], n=t.n,
+    p=cfg.power,
+  )  # fmt: skip
+  r["acc_eps"][...] += _rows_stat(jnp.sum(part, axis=1, keepdims=True))
+
+
+def _lssar_eps_finish(r, cfg: _Config, q_start) -> None:
+  r["eps"][...] = r["acc_eps"][...]
+
+
+def _dq_step(r, cfg: _Config, t: _Tile) -> None:
+  """dq (and dα) from the logit cotangents of any kind."""
+  dp = lax.dot_general(r["do"][...], r["v"][...], _NT, preferred_element_type=_F32)
+  row = t.row
+  _, du = _tile.backward_tile(
+    cfg.kind, t.u, t.mask, dp, row["delta"], lse=row.get("lse"), z=row.get("z"),
+    xmax=row.get("xmax"), bsum=row.get("bsum"), eps=row.get("eps"), n=t.n, p=cfg.power,
+  )  # fmt: skip
+  # u = scale·α·β·p, so dL/dp = du·scale·α·β and dL/dα = Σ_j du·scale·β·p.
+  dp_raw = du * cfg.scale if cfg.scale != 1.0 else du
+  if "beta" in r:
+    dp_raw = dp_raw * r["beta"][0:1, :]
+  if "alpha" in r:
+    r["acc_dalpha"][...] += _rows_stat(jnp.sum(dp_raw * t.p, axis=1, keepdims=True))
+    dp_raw = dp_raw * _lanes(r["alpha"][...], cfg.block_k)
+  r["acc_dq"][...] += lax.dot_general(
+    dp_raw.astype(t.k.dtype), t.k, _NN, preferred_element_type=_F32
+  )
+
+
+def _dq_finish(r, cfg: _Config, q_start) -> None:
+  r["dq"][...] = r["acc_dq"][...].astype(r["dq"].dtype)
+  if "dalpha" in r:
+    r["dalpha"][...] = r["acc_dalpha"][...]
+
+
+# Each row phase: (its step on one visible tile, its finish after the last kv block).
+_ROW_PHASES = {
+  "softmax": (_softmax_step, _softmax_finish),
+  "lssa": (_lssa_step, _lssa_finish),
+  "lssar_stats": (_lssar_stats_step, _lssar_stats_finish),
+  "lssar_out": (_lssar_out_step, _lssar_out_finish),
+  "lssar_eps": (_lssar_eps_step, _lssar_eps_finish),
+  "dq": (_dq_step, _dq_finish),
+}
+
+
 def _row_kernel(*refs, cfg: _Config, phase: str, names: tuple[str, ...], num_k: int):
-  """Forward phases, LSSAR's ε pass and the dq pass: grid (b, h, q_block, kv_block)."""
+  """Forward phases, LSSAR's ε pass and the dq pass: grid (b, h, q_block, kv_block).
+
+  The grid, the accumulator reset and the tile's logits are shared; the
+  phase's own step and finish come from `_ROW_PHASES`.
+  """
+  step, finish = _ROW_PHASES[phase]
   r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_k
   qi, kj = pl.program_id(2), pl.program_id(3)
@@ -139,84 +279,11 @@ def _row_kernel(*refs, cfg: _Config, phase: str, names: tuple[str, ...], num_k: 
     # Row residuals this phase reads (in other phases the same names are outputs).
     reads = _BACKWARD_STATS[cfg.kind] if phase == "dq" else _ROW_INPUTS[phase]
     row = {name: _lanes(r[name][...], bk) for name in reads}
-
-    if phase == "softmax":
-      v = r["v"][...]
-      s = jnp.where(mask, u, _tile.MASK_VALUE)
-      m_prev = r["acc_m"][...]
-      m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-      e = jnp.where(mask, jnp.exp(s - _lanes(m_next, bk)), 0.0)
-      corr = jnp.exp(m_prev - m_next)
-      r["acc_l"][...] = corr * r["acc_l"][...] + jnp.sum(e, axis=1, keepdims=True)
-      r["acc_m"][...] = m_next
-      pv = lax.dot_general(e.astype(v.dtype), v, _NN, preferred_element_type=_F32)
-      r["acc_o"][...] = r["acc_o"][...] * _lanes(corr, v.shape[-1]) + pv
-    elif phase in ("lssa", "lssar_stats"):
-      a = jnp.where(mask, _tile.softplus(u), 0.0)
-      r["acc_z"][...] += _rows_stat(jnp.sum(a, axis=1, keepdims=True))
-      if phase == "lssa":
-        v = r["v"][...]
-        r["acc_o"][...] += lax.dot_general(a.astype(v.dtype), v, _NN, preferred_element_type=_F32)
-      else:
-        r["acc_amax"][...] = jnp.maximum(r["acc_amax"][...], jnp.max(a, axis=1, keepdims=True))
-    elif phase == "lssar_out":
-      v = r["v"][...]
-      y = _tile.lssar_y(_tile.softplus(u), row["z"], row["xmax"], n, mask)
-      b = _tile.power(y, cfg.power)
-      r["acc_bsum"][...] += _rows_stat(jnp.sum(b, axis=1, keepdims=True))
-      r["acc_o"][...] += lax.dot_general(b.astype(v.dtype), v, _NN, preferred_element_type=_F32)
-    elif phase == "lssar_eps":
-      dp = lax.dot_general(r["do"][...], r["v"][...], _NT, preferred_element_type=_F32)
-      part = _tile.lssar_eps_tile(
-        u, mask, dp, row["delta"], z=row["z"], xmax=row["xmax"], bsum=row["bsum"], n=n,
-        p=cfg.power,
-      )  # fmt: skip
-      r["acc_eps"][...] += _rows_stat(jnp.sum(part, axis=1, keepdims=True))
-    elif phase == "dq":
-      dp = lax.dot_general(r["do"][...], r["v"][...], _NT, preferred_element_type=_F32)
-      _, du = _tile.backward_tile(
-        cfg.kind, u, mask, dp, row["delta"], lse=row.get("lse"), z=row.get("z"),
-        xmax=row.get("xmax"), bsum=row.get("bsum"), eps=row.get("eps"), n=n, p=cfg.power,
-      )  # fmt: skip
-      # u = scale·α·β·p, so dL/dp = du·scale·α·β and dL/dα = Σ_j du·scale·β·p.
-      dp_raw = du * cfg.scale if cfg.scale != 1.0 else du
-      if "beta" in r:
-        dp_raw = dp_raw * r["beta"][0:1, :]
-      if "alpha" in r:
-        r["acc_dalpha"][...] += _rows_stat(jnp.sum(dp_raw * p, axis=1, keepdims=True))
-        dp_raw = dp_raw * _lanes(r["alpha"][...], bk)
-      r["acc_dq"][...] += lax.dot_general(
-        dp_raw.astype(k.dtype), k, _NN, preferred_element_type=_F32
-      )
-    else:
-      raise ValueError(phase)
+    step(r, cfg, _Tile(k, p, u, mask, n, row))
 
   @pl.when(kj == num_k - 1)
   def _finish():
-    rows = (q_start + lax.broadcasted_iota(jnp.int32, (bq, LANES), 0) + 1).astype(_F32)
-    if phase == "softmax":
-      total = r["acc_l"][...]
-      r["lse"][...] = r["acc_m"][...] + jnp.log(total)
-      r["o"][...] = (r["acc_o"][...] / _lanes(total, r["o"].shape[-1])).astype(r["o"].dtype)
-    elif phase == "lssa":
-      z = r["acc_z"][...]
-      r["z"][...] = z
-      r["o"][...] = (r["acc_o"][...] / _lanes(z, r["o"].shape[-1])).astype(r["o"].dtype)
-    elif phase == "lssar_stats":
-      z = r["acc_z"][...]
-      r["z"][...] = z
-      r["xmax"][...] = _tile.lssar_x(r["acc_amax"][...], z, rows)
-    elif phase == "lssar_out":
-      bsum = r["acc_bsum"][...]
-      r["bsum"][...] = bsum
-      inv = _lanes(_tile.safe_inverse(bsum), r["o"].shape[-1])
-      r["o"][...] = (r["acc_o"][...] * inv).astype(r["o"].dtype)
-    elif phase == "lssar_eps":
-      r["eps"][...] = r["acc_eps"][...]
-    else:  # dq
-      r["dq"][...] = r["acc_dq"][...].astype(r["dq"].dtype)
-      if "dalpha" in r:
-        r["dalpha"][...] = r["acc_dalpha"][...]
+    finish(r, cfg, q_start)
 
 
 def _row_call(cfg: _Config, phase: str, arrays: dict, out_dtype):
@@ -503,7 +570,7 @@ def flash_attention(
   if kind not in _tile.KINDS or (kind == "lssar") != (power is not None):
     raise ValueError(f"bad kind/power: {kind!r}, {power!r}")
   _common.check_shapes(q, k, v, "pallas_tpu")
-  dtype = _common.common_dtype(q, k, v, "pallas_tpu")
+  dtype = _dispatch.kernel_dtype("pallas_tpu", q, k, v)
   t = q.shape[1]
   fit = _common.round_up(t, LANES)
   bq = block_q or min(DEFAULT_BLOCK, fit)

@@ -51,10 +51,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnlab.ops import _linalg
+from attnlab.ops import _dispatch, _linalg
 
 F32 = jnp.float32
-KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ bᵀ
 _TN = (((0,), (0,)), ((), ()))  # aᵀ @ b
@@ -424,12 +423,7 @@ def gated_delta_rule(
   """
   b, t, h, dk = q.shape
   hv, dv = v.shape[2], v.shape[3]
-  dtype = jnp.result_type(q, k, v)
-  if dtype not in KERNEL_DTYPES:
-    raise ValueError(
-      f"{op_name}: the Pallas kernels take bfloat16, float16 or float32 inputs, got {dtype}; "
-      "use implementation='xla' for other dtypes"
-    )
+  dtype = _dispatch.kernel_dtype(op_name, q, k, v)
   tp = round_up(t, chunk)
   kw, vw = width(dk), width(dv)
   if block_v > vw or vw % block_v:

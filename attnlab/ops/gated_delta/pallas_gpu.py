@@ -17,11 +17,13 @@ q and k are read at head hv // group by the BlockSpec index maps, so GVA
 never repeats them. Splitting V over programs (block_v, default 64) gives
 B·HV·V/64 programs, the parallelism a long sequence of few heads needs.
 
-Why the Triton lowering, not Mosaic GPU: the same kernel bodies then run in
-Pallas interpret mode on a CPU, so the CPU test-suite checks forward and every
-gradient (see `attnlab.ops.flash.pallas_gpu` for the longer argument); the
-kernel is a loop of small (C × K) · (K × block_v) matmuls, which Triton maps
-to the tensor cores (wgmma on sm_90). Widths are padded to powers of two
+Why the Triton lowering, not Mosaic GPU (see `attnlab.ops.flash.pallas_gpu`
+for the longer argument): the kernel body is plain Pallas tile code, which
+Pallas's generic interpret mode runs on a CPU, so the CPU test-suite checks
+forward and every gradient (Mosaic GPU has an interpret mode of its own too,
+but a port would need hand-managed pipelines); the kernel is a loop of small
+(C × K) · (K × block_v) matmuls, which Triton maps to the tensor cores (wgmma
+on sm_90). Widths are padded to powers of two
 (Triton tiles), and T to the chunk.
 """
 

@@ -1,5 +1,6 @@
 """The blocked solve V′ = L⁻¹V and its VJP as kernel bodies, shared by both
-LUCID kernel backends (jnp and lax only; the backends supply memory access).
+LUCID kernel backends (jnp and lax only; the backends supply memory access
+and the pallas_call), and the custom_vjp that joins them (`kernel_solve`).
 
 One program owns one (batch, kv head) and the whole sequence; rows are cut
 into blocks of `block` (a power of two). With k̂ the gain-free RMS-normalised
@@ -19,6 +20,7 @@ solve amplifies rounding (on GPUs a TF32 product would cost ~3 digits).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -178,3 +180,38 @@ def kernel_block(t: int, block_size: int) -> int:
   """The kernels' row block: the largest power of two <= block_size, within [8, T rounded up]."""
   largest = 1 << (max(block_size, 1).bit_length() - 1)
   return max(8, min(largest, 1 << max(0, (t - 1).bit_length())))
+
+
+def kernel_solve(call: Callable, fwd_kernel: Callable, bwd_kernel: Callable) -> Callable:
+  """V′ = L⁻¹V as a `jax.custom_vjp` over one backend's kernels.
+
+  Args:
+    call: the backend's `call(kernel, cfg, inputs, out_widths, name)`, which
+      runs a kernel over (batch, kv head) programs and returns its float32
+      outputs.
+    fwd_kernel: (k, v) -> V′, built on `forward_body`.
+    bwd_kernel: (k, V′, dV′) -> (dk, dv), built on `backward_body`.
+
+  Returns:
+    solve(k, v, cfg) with a static cfg; the backward pass saves k and V′.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+  def solve(k, v, cfg):
+    (vp,) = call(fwd_kernel, cfg, (k, v), (v.shape[-1],), "attnlab_lucid_solve_fwd")
+    return vp
+
+  def solve_fwd(k, v, cfg):
+    vp = solve(k, v, cfg)
+    return vp, (k, vp)
+
+  def solve_bwd(cfg, saved, g):
+    k, vp = saved
+    dk, dv = call(
+      bwd_kernel, cfg, (k, vp, g.astype(_F32)), (k.shape[-1], vp.shape[-1]),
+      "attnlab_lucid_solve_bwd",
+    )  # fmt: skip
+    return dk, dv
+
+  solve.defvjp(solve_fwd, solve_bwd)
+  return solve

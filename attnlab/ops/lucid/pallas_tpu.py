@@ -84,27 +84,7 @@ def _call(kernel, cfg: _Config, inputs, out_widths, name: str):
   )(*inputs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _lucid_solve(k, v, cfg: _Config):
-  (vp,) = _call(_fwd_kernel, cfg, (k, v), (v.shape[-1],), "attnlab_lucid_solve_fwd")
-  return vp
-
-
-def _solve_fwd(k, v, cfg: _Config):
-  vp = _lucid_solve(k, v, cfg)
-  return vp, (k, vp)
-
-
-def _solve_bwd(cfg: _Config, saved, g):
-  k, vp = saved
-  dk, dv = _call(
-    _bwd_kernel, cfg, (k, vp, g.astype(_F32)), (k.shape[-1], vp.shape[-1]),
-    "attnlab_lucid_solve_bwd",
-  )  # fmt: skip
-  return dk, dv
-
-
-_lucid_solve.defvjp(_solve_fwd, _solve_bwd)
+_lucid_solve = _solve.kernel_solve(_call, _fwd_kernel, _bwd_kernel)
 
 
 def preconditioned_values(

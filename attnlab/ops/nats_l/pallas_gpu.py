@@ -263,7 +263,7 @@ def block_sparse_softmax(
     raise ValueError(
       f"pallas_gpu block_sparse_softmax: block_size must be a power of two >= 16, got {block_size}"
     )
-  dtype = _common.common_dtype(q, k, v, "pallas_gpu block_sparse_softmax")
+  dtype = _dispatch.kernel_dtype("pallas_gpu block_sparse_softmax", q, k, v)
   if interpret is None:
     interpret = _dispatch.interpret_default("gpu", q, k, v)
   t = q.shape[1]

@@ -323,7 +323,7 @@ def block_sparse_softmax(
   """
   if block_size % SUBLANES:
     raise ValueError("pallas_tpu block_sparse_softmax: block_size must be a multiple of 8")
-  dtype = _common.common_dtype(q, k, v, "pallas_tpu block_sparse_softmax")
+  dtype = _dispatch.kernel_dtype("pallas_tpu block_sparse_softmax", q, k, v)
   if interpret is None:
     interpret = _dispatch.interpret_default("tpu", q, k, v) and pltpu.InterpretParams()
   t = q.shape[1]

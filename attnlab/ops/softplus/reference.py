@@ -1,11 +1,17 @@
 """Oracle for softplus attention: one query row at a time, following the
 paper's steps literally (softplus, L1, ReLU(A·i − O)^p, L1), with the row
-max rescale before the power."""
+max rescale before the power.
+
+It takes the spec's rounding slack from `attnlab.ops._softplus_semantics` and
+computes everything else itself, independent of the xla path and the kernels.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from attnlab.ops._softplus_semantics import ROUNDING_SLACK
 
 
 def softplus_attention(q, k, v, *, power, query_positions, key_length):
@@ -25,7 +31,7 @@ def softplus_attention(q, k, v, *, power, query_positions, key_length):
     )
     a = a / a.sum(1, keepdims=True)
     if power is not None:
-      offset = jnp.where(i <= 3, 0.0, 1.0) + 16 * jnp.finfo(q.dtype).eps  # rounding slack
+      offset = jnp.where(i <= 3, 0.0, 1.0) + ROUNDING_SLACK * jnp.finfo(q.dtype).eps
       x = jnp.where(visible, jnp.maximum(a * i - offset, 0.0), 0.0)
       peak = jax.lax.stop_gradient(x.max(1, keepdims=True))
       x = x / jnp.where(peak > 0, peak, 1.0)

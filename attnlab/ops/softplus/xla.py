@@ -15,33 +15,24 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.ops import _causal_chunks
-
-ROUNDING_SLACK = 16  # in units of the dtype's machine epsilon
-
-
-def _safe_reciprocal(denominator: jax.Array) -> jax.Array:
-  """1 / denominator, with 0 where the denominator is 0 (and finite gradients)."""
-  positive = denominator > 0
-  return jnp.where(positive, 1.0 / jnp.where(positive, denominator, 1.0), 0.0)
+from attnlab.ops import _softplus_semantics as semantics
 
 
 def _weights(logits: jax.Array, visible: jax.Array, i: jax.Array, power) -> jax.Array:
   """Attention weights from logits log D · log i · q̂·k̂ [..., Tq, Tk]; i [Tq, 1] 1-based."""
   a = jnp.where(visible, jax.nn.softplus(logits), 0.0)
-  inverse_sum = _safe_reciprocal(a.sum(-1, keepdims=True))
+  inverse_sum = semantics.safe_reciprocal(a.sum(-1, keepdims=True))
   if power is None:
     return a * inverse_sum
-  # A slack of a few ulps makes rows that are uniform up to rounding vanish as
-  # they do in exact arithmetic, instead of the max rescale below inflating
-  # their rounding noise into a full row. The offset is > 0, so hidden keys
-  # (a = 0) stay 0 through the ReLU.
-  offset = jnp.where(i <= 3, 0.0, 1.0) + ROUNDING_SLACK * jnp.finfo(logits.dtype).eps
+  # The offset carries the rounding slack and is > 0, so hidden keys (a = 0)
+  # stay 0 through the ReLU.
+  offset = semantics.lssar_offset(i, logits.dtype)
   x = jax.nn.relu(a * (inverse_sum * i) - offset)
   # The op is scale-invariant per row: dividing by the row max before the power
   # keeps x^p representable (0.3^15 ≈ 1e-8 would drown in any eps).
-  x = x * _safe_reciprocal(jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+  x = x * semantics.safe_reciprocal(jax.lax.stop_gradient(x.max(-1, keepdims=True)))
   b = x**power
-  return b * _safe_reciprocal(b.sum(-1, keepdims=True))
+  return b * semantics.safe_reciprocal(b.sum(-1, keepdims=True))
 
 
 def row_weights(scores: jax.Array, visible: jax.Array, rows: jax.Array, power, head_dim: int):
@@ -55,15 +46,8 @@ def row_weights(scores: jax.Array, visible: jax.Array, rows: jax.Array, power, h
   return _weights(math.log(head_dim) * jnp.log(i) * scores, visible, i, power)
 
 
-def inverse_norm(x: jax.Array) -> jax.Array:
-  """1/‖x‖ over the last axis, keepdims; 0 for a zero vector (finite gradient)."""
-  squared = jnp.sum(x * x, -1, keepdims=True)
-  nonzero = squared > 0
-  return jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
-
-
 def _normalize(x):
-  return x * inverse_norm(x)
+  return x * semantics.inverse_norm(x)
 
 
 def _attend(qs, k_hat, v, visible, i, power):
