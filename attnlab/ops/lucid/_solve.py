@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnlab.ops.lucid import xla
+from attnlab.ops.lucid import _math
 
 _F32 = jnp.float32
 _NN = (((1,), (0,)), ((), ()))
@@ -168,10 +168,10 @@ def context_term(k, context_keys, context_values, context_length, eps) -> jax.Ar
 
   The new rows' right-hand side is v minus this, as in the xla path.
   """
-  k_hat = xla.normalize_keys(jnp.moveaxis(k.astype(_F32), 2, 1), eps)  # [B,H,T,D]
-  c_hat = xla.normalize_keys(jnp.moveaxis(context_keys.astype(_F32), 2, 1), eps)
+  k_hat = _math.normalize_keys(jnp.moveaxis(k.astype(_F32), 2, 1), eps)  # [B,H,T,D]
+  c_hat = _math.normalize_keys(jnp.moveaxis(context_keys.astype(_F32), 2, 1), eps)
   valid = jnp.arange(c_hat.shape[2]) < context_length
-  weights = jnp.where(valid, xla.kernel(k_hat, c_hat), 0.0)
+  weights = jnp.where(valid, _math.kernel(k_hat, c_hat), 0.0)
   term = weights @ jnp.moveaxis(context_values.astype(_F32), 2, 1)
   return jnp.moveaxis(term, 1, 2)
 

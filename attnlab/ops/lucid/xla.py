@@ -17,17 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.ops import _linalg
-
-
-def normalize_keys(k: jax.Array, eps: float) -> jax.Array:
-  """RMS normalisation without gain: k / sqrt(mean(k²) + eps); ‖k̂‖ ≈ √D."""
-  return k * jax.lax.rsqrt(jnp.mean(k * k, axis=-1, keepdims=True) + eps)
-
-
-def kernel(a: jax.Array, b: jax.Array) -> jax.Array:
-  """exp(a bᵀ/√D − √D) for [..., n, D] and [..., m, D]; every exponent is ≤ ~0."""
-  d = a.shape[-1]
-  return jnp.exp(jnp.einsum("...nd,...md->...nm", a, b) * d**-0.5 - d**0.5)
+from attnlab.ops.lucid._math import kernel, normalize_keys
 
 
 def _blocks(t: int, block: int) -> tuple[jax.Array, jax.Array]:
