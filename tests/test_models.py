@@ -309,7 +309,9 @@ def test_registry_lists_variants_and_rejects_duplicates():
     attention.names()
   )
   with pytest.raises(ValueError, match="registered twice"):
-    attention.registry.register("softmax", options={}, uses_rope=True)(object)
+    attention.registry.register(
+      "softmax", options={}, uses_rope=True, analysis=attention.get("softmax").analysis
+    )(object)
 
 
 def _load_config(name, arg=None):

@@ -1,9 +1,10 @@
 """The one registry of attention variants, by name.
 
 A variant registers its mixer class with its default options (which become
-`config.model.mixer.<name>`), whether it uses RoPE by default, and which of
-its parameters are exempt from weight decay or use the temperature learning
-rate.
+`config.model.mixer.<name>`), whether it uses RoPE by default, its analysis
+adapter (how `attnlab.analysis` reads the layer in the common form, defined
+next to the mixer), and which of its parameters are exempt from weight decay
+or use the temperature learning rate.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from flax import nnx
 from ml_collections import ConfigDict
 
+from attnlab.models.attention.common_form import Adapter
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -21,6 +24,7 @@ class Variant:
   mixer_cls: type
   options: dict
   uses_rope: bool
+  analysis: Adapter
   no_decay: tuple[str, ...] = ()
   temperature: tuple[str, ...] = ()
 
@@ -33,16 +37,19 @@ def register(
   *,
   options: dict,
   uses_rope: bool,
+  analysis: Adapter,
   no_decay: tuple[str, ...] = (),
   temperature: tuple[str, ...] = (),
 ) -> Callable[[type], type]:
-  """Class decorator adding a mixer to the registry."""
+  """Class decorator adding a mixer to the registry, with its analysis adapter."""
 
   def wrap(cls: type) -> type:
     if name in _VARIANTS:
       raise ValueError(f"attention variant {name!r} registered twice")
+    if not isinstance(analysis, Adapter):
+      raise TypeError(f"attention variant {name!r}: analysis must be a common_form.Adapter")
     _VARIANTS[name] = Variant(
-      name, cls, dict(options), uses_rope, tuple(no_decay), tuple(temperature)
+      name, cls, dict(options), uses_rope, analysis, tuple(no_decay), tuple(temperature)
     )
     return cls
 
