@@ -50,15 +50,14 @@ def _forms(mixer: SoftAttention, x: jax.Array) -> common_form.Forms:
   q_side, k_side = soft_op.nystrom_features(
     q.astype(dt), mixer.landmarks[...].astype(dt), newton_iters=opts.newton_iters, ridge=opts.ridge
   )
-  floor = soft_op.normalizer_floor(q_side, jnp.cumsum(k_side, axis=1), soft_op.NORMALIZER_EPS)
-  q_side, k_side, v, floor = (common_form.heads_first(a, dt) for a in (q_side, k_side, v, floor))
   if not opts.normalize:
+    q_side, k_side, v = (common_form.heads_first(a, dt) for a in (q_side, k_side, v))
     return {"main": common_form.ScalarForm(jnp.zeros(q_side.shape[:3], dt), k_side, q_side, v)}
-  return {
-    "main": common_form.normalized_linear_form(
-      q_side, k_side, v, floor=floor[..., 0], positive=True
-    )
-  }
+  floor = soft_op.normalizer_floor(q_side, jnp.cumsum(k_side, axis=1), soft_op.NORMALIZER_EPS)
+  q_side, k_side, v = (common_form.heads_first(a, dt) for a in (q_side, k_side, v))
+  floor = common_form.heads_first(floor[..., 0], dt)  # [B, H, T]
+  form = common_form.normalized_linear_form(q_side, k_side, v, floor=floor, positive=True)
+  return {"main": form}
 
 
 def _readout(mixer: SoftAttention, x: jax.Array, outputs: dict[str, jax.Array]) -> jax.Array:
