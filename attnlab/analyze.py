@@ -73,7 +73,7 @@ def run(
   outdir: str | None = None,
 ) -> dict:
   """Analyses `workdir`; returns the summary also written to outdir/summary.json."""
-  from attnlab.analysis import collect, plots, report  # plots pulls in matplotlib
+  from attnlab.analysis import plots, report  # plots pulls in matplotlib
 
   outdir = outdir or os.path.join(workdir, "analysis")
   start = time.time()
@@ -84,26 +84,21 @@ def run(
   logging.info(
     "step %d, %d layers; analysing %d eval sequences of length %d",
     step,
-    collect.num_layers(model),
+    model.num_layers,
     *tokens.shape,
   )
-  line = metrics.Progress(
-    total=len(layers) if layers else collect.num_layers(model), label="analyze layer"
-  )
-  results, skipped = report.analyze_model(
+  line = metrics.Progress(total=len(layers) if layers else model.num_layers, label="analyze layer")
+  results = report.analyze_model(
     model, tokens, layers, progress=lambda message: line.update(done=message)
   )
   line.close()
-  for message in skipped:
-    logging.warning("skipped %s", message)
   if not results:
-    raise ValueError(f"nothing to analyse in {workdir}: {'; '.join(skipped) or 'no layers'}")
+    raise ValueError(f"nothing to analyse in {workdir}: no layers chosen")
   summary = {
     "workdir": os.path.abspath(workdir),
     "step": step,
     "batch": int(tokens.shape[0]),
     "seq_len": int(tokens.shape[1]),
-    "skipped": skipped,
     **report.summarize(results),
   }
   os.makedirs(outdir, exist_ok=True)

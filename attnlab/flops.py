@@ -95,11 +95,11 @@ def mixer_flops_per_token(name: str, model: ConfigDict, *, seq_len: int, batch: 
     d = _head_dim(model)
     return _linear_chunked(model.num_heads, d, d + int(options.normalize), chunk)
   if name == "gated_deltanet":
-    heads, d_k, v_heads, d_v = gated_deltanet._head_geometry(model, options)
+    heads, d_k, v_heads, d_v = gated_deltanet.head_geometry(model, options)
     return _delta_chunked(heads, v_heads, d_k, d_v, chunk)
   if name == "nats_l":
     delta_options = ConfigDict(dict(options, num_v_heads=0))
-    heads, d_k, _, d_v = gated_deltanet._head_geometry(model, delta_options)
+    heads, d_k, _, d_v = gated_deltanet.head_geometry(model, delta_options)
     attn_heads = options.num_attn_heads or 2 * heads
     block = min(options.block_size, seq_len)
     a_k, a_v = heads * d_k // attn_heads, heads * d_v // attn_heads

@@ -99,6 +99,78 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# --- model cases: (trunk overrides, {variant: option overrides}) -------------------------------
+
+# Whole models: decoding against the parallel logits (tests/test_models.py).
+MODEL_CASES = {
+  "softmax": (dict(attention="softmax"), {}),
+  "softmax_gqa_qknorm": (dict(attention="softmax", num_kv_heads=2, qk_norm=True), {}),
+  "softmax_nope": (dict(attention="softmax", rope=False), {}),
+  "softmax_canon_conv": (dict(attention="softmax", canon_conv=4), {}),
+  "gated_deltanet_canon_conv_scanned": (
+    dict(attention="gated_deltanet", canon_conv=3, scan_layers=True),
+    {"gated_deltanet": dict(chunk_size=4)},
+  ),
+  "linear_elu_normalized": (dict(attention="linear"), {}),
+  "linear_relu_gqa": (
+    dict(attention="linear", num_kv_heads=1),
+    {"linear": dict(feature_map="relu", normalize=False)},
+  ),
+  "linear_identity_rope": (
+    dict(attention="linear", rope=True),
+    {"linear": dict(feature_map="identity", normalize=False, chunk_size=4)},
+  ),
+  "mixed_pattern": (dict(layer_pattern="softmax,linear", num_layers=4), {}),
+  "gated_deltanet": (dict(attention="gated_deltanet"), {"gated_deltanet": dict(chunk_size=4)}),
+  "gated_deltanet_gva_neg_eigval": (
+    dict(attention="gated_deltanet"),
+    {"gated_deltanet": dict(num_heads=2, num_v_heads=4, allow_neg_eigval=True, chunk_size=8)},
+  ),
+  "lucid_gqa": (dict(attention="lucid", num_kv_heads=2), {"lucid": dict(block_size=4)}),
+  "lucid_rope": (dict(attention="lucid", rope=True), {}),
+  "softplus_lssar_p15": (
+    dict(attention="softplus", num_kv_heads=2),
+    {"softplus": dict(power=15.0)},
+  ),
+  "softplus_lssar_p3": (dict(attention="softplus"), {"softplus": dict(power=3.0)}),
+  "softplus_lssa": (dict(attention="softplus", rope=False), {}),  # the default power, 0
+  "soft": (dict(attention="soft"), {"soft": dict(num_landmarks=5, chunk_size=4)}),
+  "soft_unnormalized_no_conv": (
+    dict(attention="soft"),
+    {"soft": dict(normalize=False, conv_size=0)},
+  ),
+  "ssa_gqa": (dict(attention="ssa", num_kv_heads=2), {"ssa": dict(alpha_init=0.5)}),
+  # Blocks of 4 tokens: a 9-token prompt spans several blocks of mixed types.
+  "nats_l": (dict(attention="nats_l"), {"nats_l": dict(block_size=4, num_heads=2)}),
+  "gated_deltanet_nats_l_pattern": (
+    dict(layer_pattern="gated_deltanet,nats_l", num_layers=4),
+    {"nats_l": dict(block_size=4)},
+  ),
+}
+
+
+# Single layers: recurrent and parallel forms against the layer (tests/test_analysis.py).
+LAYER_CASES = {
+  "softmax_gqa": (dict(attention="softmax", num_kv_heads=2, qk_norm=True), {}),
+  "linear_elu": (dict(attention="linear"), {"linear": dict(chunk_size=8)}),
+  "linear_identity_unnormalized": (
+    dict(attention="linear", rope=True),
+    {"linear": dict(feature_map="identity", normalize=False, chunk_size=4)},
+  ),
+  "gated_deltanet_gva_neg_eigval": (
+    dict(attention="gated_deltanet"),
+    {"gated_deltanet": dict(num_heads=2, num_v_heads=4, allow_neg_eigval=True, chunk_size=8)},
+  ),
+  "nats_l": (dict(attention="nats_l"), {"nats_l": dict(block_size=8, num_heads=2)}),
+  "lucid_gqa": (dict(attention="lucid", num_kv_heads=2), {"lucid": dict(block_size=8)}),
+  "ssa": (dict(attention="ssa"), {"ssa": dict(alpha_init=0.5)}),
+  "softplus_lssar": (dict(attention="softplus"), {}),
+  "softplus_lssa": (dict(attention="softplus"), {"softplus": dict(power=0.0)}),
+  "soft": (dict(attention="soft"), {"soft": dict(chunk_size=8)}),
+  "soft_unnormalized": (dict(attention="soft"), {"soft": dict(normalize=False, chunk_size=8)}),
+}
+
+
 def pytest_collection_modifyitems(config, items):
   backend = jax.default_backend()
   for item in items:

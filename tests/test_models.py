@@ -13,7 +13,7 @@ from attnlab import config as config_lib
 from attnlab import optim, trainer
 from attnlab.models import attention, build_model, layer_mixers, layers
 
-from .conftest import load_config
+from .conftest import MODEL_CASES, load_config
 
 
 def _model_config(**overrides):
@@ -36,56 +36,8 @@ def _decode_all(model, tokens, prefill):
   return jnp.concatenate(parts, axis=1)
 
 
-# name: (trunk overrides, {variant: option overrides})
-CASES = {
-  "softmax": (dict(attention="softmax"), {}),
-  "softmax_gqa_qknorm": (dict(attention="softmax", num_kv_heads=2, qk_norm=True), {}),
-  "softmax_nope": (dict(attention="softmax", rope=False), {}),
-  "softmax_canon_conv": (dict(attention="softmax", canon_conv=4), {}),
-  "gated_deltanet_canon_conv_scanned": (
-    dict(attention="gated_deltanet", canon_conv=3, scan_layers=True),
-    {"gated_deltanet": dict(chunk_size=4)},
-  ),
-  "linear_elu_normalized": (dict(attention="linear"), {}),
-  "linear_relu_gqa": (
-    dict(attention="linear", num_kv_heads=1),
-    {"linear": dict(feature_map="relu", normalize=False)},
-  ),
-  "linear_identity_rope": (
-    dict(attention="linear", rope=True),
-    {"linear": dict(feature_map="identity", normalize=False, chunk_size=4)},
-  ),
-  "mixed_pattern": (dict(layer_pattern="softmax,linear", num_layers=4), {}),
-  "gated_deltanet": (dict(attention="gated_deltanet"), {"gated_deltanet": dict(chunk_size=4)}),
-  "gated_deltanet_gva_neg_eigval": (
-    dict(attention="gated_deltanet"),
-    {"gated_deltanet": dict(num_heads=2, num_v_heads=4, allow_neg_eigval=True, chunk_size=8)},
-  ),
-  "lucid_gqa": (dict(attention="lucid", num_kv_heads=2), {"lucid": dict(block_size=4)}),
-  "lucid_rope": (dict(attention="lucid", rope=True), {}),
-  "softplus_lssar_p15": (
-    dict(attention="softplus", num_kv_heads=2),
-    {"softplus": dict(power=15.0)},
-  ),
-  "softplus_lssar_p3": (dict(attention="softplus"), {"softplus": dict(power=3.0)}),
-  "softplus_lssa": (dict(attention="softplus", rope=False), {}),  # the default power, 0
-  "soft": (dict(attention="soft"), {"soft": dict(num_landmarks=5, chunk_size=4)}),
-  "soft_unnormalized_no_conv": (
-    dict(attention="soft"),
-    {"soft": dict(normalize=False, conv_size=0)},
-  ),
-  "ssa_gqa": (dict(attention="ssa", num_kv_heads=2), {"ssa": dict(alpha_init=0.5)}),
-  # Blocks of 4 tokens: a 9-token prompt spans several blocks of mixed types.
-  "nats_l": (dict(attention="nats_l"), {"nats_l": dict(block_size=4, num_heads=2)}),
-  "gated_deltanet_nats_l_pattern": (
-    dict(layer_pattern="gated_deltanet,nats_l", num_layers=4),
-    {"nats_l": dict(block_size=4)},
-  ),
-}
-
-
 def _case_config(case):
-  trunk, options = CASES[case]
+  trunk, options = MODEL_CASES[case]
   cfg = _model_config(**trunk)
   for variant, values in options.items():
     cfg.mixer[variant].update(values)
@@ -102,7 +54,7 @@ def _randomize_temperatures(model):
         param[...] = jnp.asarray(rng.normal(size=param.shape), jnp.float32)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_decoding_equals_parallel_logits(case):
   model = build_model(_case_config(case), nnx.Rngs(0))
   _randomize_temperatures(model)
@@ -308,7 +260,9 @@ def test_registry_lists_variants_and_rejects_duplicates():
     attention.names()
   )
   with pytest.raises(ValueError, match="registered twice"):
-    attention.registry.register("softmax", uses_rope=True)(object)
+    attention.registry.register(
+      "softmax", uses_rope=True, analysis=attention.get("softmax").analysis
+    )(object)
 
 
 def test_softmax_1b_parameter_count():

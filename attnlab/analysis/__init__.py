@@ -2,7 +2,9 @@
 
 * `forms`: the common form of a layer (scalar/diagonal, delta, kernel) and how
   to run it recurrently or in parallel, and its implicit attention matrix;
-* `collect`: per-variant adapters reading the forms out of the real layers;
+* `collect`: reads the forms out of a model's real layers, through the
+  analysis adapter each variant registers next to its mixer
+  (`attnlab.models.attention.common_form.Adapter`);
 * `quantities`: eigenvalues, spectrum histograms, decay and memory horizons,
   per-query attention statistics, state statistics;
 * `taylor`: softmax attention as a sum of RNNs and its truncation error;
@@ -12,7 +14,7 @@
 `python -m attnlab.analyze --workdir=DIR` runs it on a trained workdir.
 """
 
-from attnlab.analysis.collect import ADAPTERS, Adapter, capture_layers, layer_forms, layer_readout
+from attnlab.analysis.collect import capture_layers, layer_forms, layer_readout
 from attnlab.analysis.forms import (
   DeltaForm,
   KernelForm,
@@ -22,9 +24,9 @@ from attnlab.analysis.forms import (
   run_parallel,
   run_recurrent,
 )
+from attnlab.models.attention.common_form import Adapter
 
 __all__ = [
-  "ADAPTERS",
   "Adapter",
   "DeltaForm",
   "KernelForm",

@@ -18,7 +18,9 @@ form types cover the registered variants:
 * `KernelForm`: y_t = Σ_{s≤t} w_t(s) u_s with normalised kernel weights
   (softmax, SSA, LUCID, softplus, NAtS-L's softmax path).
 
-Arrays are head-major: [batch, heads, time, ...]. The recurrent form runs as a
+Arrays are head-major: [batch, heads, time, ...]. The form containers are
+defined in `attnlab.models.attention.common_form` (each variant builds its
+forms next to its mixer) and re-exported here. The recurrent form runs as a
 `lax.scan` (`run_recurrent`), the parallel form as y = M u with the implicit
 attention matrix M[t, s] = c_tᵀ Λ_t⋯Λ_{s+1} b_s (`implicit_attention`,
 `run_parallel`). Both reproduce the layers' production forward
@@ -29,92 +31,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from attnlab.ops.softplus import xla as softplus_xla
+from attnlab.models.attention.common_form import DeltaForm, Form, KernelForm, ScalarForm
+from attnlab.ops import softplus as softplus_op
 
 Array = jax.Array
-
-
-@struct.dataclass
-class ScalarForm:
-  """h_t = λ_t h_{t−1} + b_t u_tᵀ, y_t = h_tᵀ c_t with a scalar or diagonal λ_t.
-
-  Attributes:
-    log_lam: log|λ_t|, [batch, heads, time] (scalar) or [batch, heads, time, N]
-      (diagonal). Entry 0 acts on h_{−1} = 0 and never matters.
-    b: input vectors [batch, heads, time, N].
-    c: readout vectors [batch, heads, time, N].
-    u: values [batch, heads, time, dv].
-    sign: sign of λ_t (same shape as log_lam) or None when λ_t > 0.
-  """
-
-  log_lam: Array
-  b: Array
-  c: Array
-  u: Array
-  sign: Array | None = None
-
-
-@struct.dataclass
-class DeltaForm:
-  """Gated delta rule: Λ_t = α_t (I − β_t k_t k_tᵀ) on the key dim, b_t = β_t k_t.
-
-  Without `reset` (Gated DeltaNet): S_t = Λ_t S_{t−1} + β_t k_t u_tᵀ,
-  y_t = S_tᵀ c_t. With `reset` (NAtS-L) the state is the direct sum (P, R):
-
-      P_t = α_t (I − m_t β_t k_t k_tᵀ) P_{t−1} + m_t β_t k_t u_tᵀ
-      R_t = Λ_t (P_{t−1} if reset_t else R_{t−1}) + β_t k_t u_tᵀ,   y_t = R_tᵀ c_t
-
-  Attributes:
-    log_alpha: log decay g_t = log α_t, [batch, heads, time].
-    beta: [batch, heads, time].
-    k: keys [batch, heads, time, dk] (L2-normalised by the layer).
-    c: readout, the scaled query, [batch, heads, time, dk].
-    u: values [batch, heads, time, dv].
-    write: m_t ∈ {0, 1}, the persistent state's write gate [batch, heads, time],
-      or None (always 1).
-    reset: [time] bool, True at the first token of every block, or None.
-  """
-
-  log_alpha: Array
-  beta: Array
-  k: Array
-  c: Array
-  u: Array
-  write: Array | None = None
-  reset: Array | None = None
-
-
-@struct.dataclass
-class KernelForm:
-  """y_t = Σ_{s≤t} w_t(s) u_s with normalised kernel weights (no finite state).
-
-  Attributes:
-    q: queries [batch, heads, time, D] as the kernel sees them (after norms and RoPE).
-    k: keys [batch, heads, time, D] (kv heads repeated for GQA).
-    scale: per-query logit multiplier [batch, heads, time] (1/√D times any
-      temperature); unused by the softplus kernel, which has none.
-    u: what the weights act on, [batch, heads, time, dv] (LUCID: V′ = L⁻¹V).
-    visible: extra key mask [batch, heads, time, time] (NAtS-L's block
-      sparsity) or None (plain causal).
-    value_map: [batch, heads, time, time] with u = value_map @ v for the
-      layer's raw values v (LUCID's L⁻¹), or None.
-    kernel: 'softmax' or 'softplus' (LSSA/LSSAR).
-    power: LSSAR's sharpening power (None: LSSA).
-  """
-
-  q: Array
-  k: Array
-  scale: Array
-  u: Array
-  visible: Array | None = None
-  value_map: Array | None = None
-  kernel: str = struct.field(pytree_node=False, default="softmax")
-  power: float | None = struct.field(pytree_node=False, default=None)
-
-
-Form = ScalarForm | DeltaForm | KernelForm
 
 
 def state_dim(form: Form) -> float:
@@ -172,12 +93,12 @@ def kernel_weights(form: KernelForm) -> tuple[Array, Array]:
   if form.kernel == "softplus":
     t, d = form.q.shape[2], form.q.shape[-1]
     scores = jnp.einsum(
-      "bhtd,bhsd->bhts", softplus_xla._normalize(form.q), softplus_xla._normalize(form.k)
+      "bhtd,bhsd->bhts", softplus_op.normalize(form.q), softplus_op.normalize(form.k)
     )
     mask = visible_mask(form)
     rows = jnp.arange(1, t + 1)
     raw = jnp.where(mask, jax.nn.softplus(jnp.log(d) * jnp.log(rows)[:, None] * scores), 0.0)
-    weights = softplus_xla.row_weights(scores, mask, rows, form.power, d)
+    weights = softplus_op.row_weights(scores, mask, rows, form.power, d)
     return weights, jnp.log(raw.sum(-1))
   raise ValueError(f"unknown kernel {form.kernel!r}; expected 'softmax' or 'softplus'")
 
@@ -365,9 +286,9 @@ def _kernel_row(row: KernelForm, i: Array) -> Array:
     return jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
   d = row.q.shape[-1]
   scores = jnp.einsum(
-    "bhd,bhsd->bhs", softplus_xla._normalize(row.q[:, :, 0]), softplus_xla._normalize(row.k)
+    "bhd,bhsd->bhs", softplus_op.normalize(row.q[:, :, 0]), softplus_op.normalize(row.k)
   )
-  w = softplus_xla.row_weights(scores[:, :, None], visible[:, :, None], (i + 1)[None], row.power, d)
+  w = softplus_op.row_weights(scores[:, :, None], visible[:, :, None], (i + 1)[None], row.power, d)
   return w[:, :, 0]
 
 

@@ -123,16 +123,16 @@ def analyze_model(
   tokens: jax.Array,
   layers: list[int] | None = None,
   progress=None,
-) -> tuple[list[LayerResult], list[str]]:
+) -> list[LayerResult]:
   """Collects the forms of `layers` (default all) on tokens [B, T] and measures them.
 
   Args:
     progress: optional callable(message) called as each layer is done.
 
   Returns:
-    (one LayerResult per analysed layer, messages about skipped layers).
+    One LayerResult per chosen layer.
   """
-  captures, skipped = C.capture_layers(model, tokens, layers)
+  captures = C.capture_layers(model, tokens, layers)
   results = []
   for capture in captures:
     parts = {name: analyze_form(form) for name, form in capture.forms.items()}
@@ -140,7 +140,7 @@ def analyze_model(
     results.append(LayerResult(capture.index, capture.variant, errors, parts))
     if progress is not None:
       progress(f"layer {capture.index} ({capture.variant}): {', '.join(parts)} analysed")
-  return results, skipped
+  return results
 
 
 # Summary ------------------------------------------------------------------------

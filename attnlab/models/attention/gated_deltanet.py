@@ -23,11 +23,13 @@ from ml_collections import ConfigDict
 
 from attnlab import ops
 from attnlab.models import layers
-from attnlab.models.attention import base, registry
+from attnlab.models.attention import base, common_form, registry
 
 
-def _head_geometry(model: ConfigDict, options: ConfigDict) -> tuple[int, int, int, int]:
-  """(heads, head_k_dim, v_heads, head_v_dim); 0 in options means the trunk's value."""
+def head_geometry(model: ConfigDict, options: ConfigDict) -> tuple[int, int, int, int]:
+  """(heads, head_k_dim, v_heads, head_v_dim) of a delta-rule layer with the
+  trunk config `model` and the variant's `options` (num_heads, head_dim,
+  num_v_heads, expand_v); 0 in options means the trunk's value."""
   heads = options.num_heads or model.num_heads
   head_k = options.head_dim or model.head_dim or model.d_model // model.num_heads
   v_heads = options.num_v_heads or heads
@@ -54,7 +56,7 @@ class DeltaInputs(nnx.Module):
   """
 
   def __init__(self, model: ConfigDict, options: ConfigDict, *, rngs: nnx.Rngs):
-    heads, head_k, v_heads, head_v = _head_geometry(model, options)
+    heads, head_k, v_heads, head_v = head_geometry(model, options)
     d, dt = model.d_model, jnp.dtype(model.dtype)
     self.q_proj = layers.dense(d, heads * head_k, ("embed", "heads"), dtype=dt, rngs=rngs)
     self.k_proj = layers.dense(d, heads * head_k, ("embed", "heads"), dtype=dt, rngs=rngs)
@@ -96,9 +98,30 @@ def gated_output_norm(norm: layers.RMSNorm, o: jax.Array, gate: jax.Array | None
   return y if gate is None else y * jax.nn.silu(gate.astype(jnp.float32)).astype(y.dtype)
 
 
+def _forms(mixer: GatedDeltaNet, x: jax.Array) -> common_form.Forms:
+  """One DeltaForm; grouped value heads share their q and k."""
+  dt = common_form.analysis_dtype(x)
+  q, k, v, g, beta, _ = mixer.project(x)
+  group = mixer.v_heads // mixer.heads
+  q, k = (jnp.repeat(a, group, axis=2) for a in (q, k))
+  form = common_form.DeltaForm(
+    log_alpha=common_form.heads_first(g, dt),
+    beta=common_form.heads_first(beta, dt),
+    k=common_form.heads_first(k, dt),
+    c=common_form.heads_first(q, dt) * mixer.head_k**-0.5,
+    u=common_form.heads_first(v, dt),
+  )
+  return {"main": form}
+
+
+def _readout(mixer: GatedDeltaNet, x: jax.Array, outputs: dict[str, jax.Array]) -> jax.Array:
+  return mixer.output(x, common_form.time_first(outputs["main"]).astype(mixer.dtype))
+
+
 @registry.register(
   "gated_deltanet",
   uses_rope=False,
+  analysis=common_form.Adapter(forms=_forms, readout=_readout, hooks=("project", "output")),
   no_decay=("A_log", "dt_bias"),
 )
 class GatedDeltaNet(base.Mixer):
@@ -109,7 +132,7 @@ class GatedDeltaNet(base.Mixer):
   def __init__(self, model: ConfigDict, options: ConfigDict, *, use_rope: bool, rngs: nnx.Rngs):
     del use_rope  # position comes from the conv and the decay
     super().__init__(model, options, rngs=rngs)
-    self.heads, self.head_k, self.v_heads, self.head_v = _head_geometry(model, options)
+    self.heads, self.head_k, self.v_heads, self.head_v = head_geometry(model, options)
     self.inputs = DeltaInputs(model, options, rngs=rngs)
     value_dim = self.v_heads * self.head_v
     self.g_proj = (
@@ -124,13 +147,28 @@ class GatedDeltaNet(base.Mixer):
     self.chunk_size = options.chunk_size
     self.implementation = options.implementation
 
-  def _mix(self, x, cache, segment_ids=None):
+  def project(
+    self, x: jax.Array, conv_states: dict | None = None, segment_ids: jax.Array | None = None
+  ):
+    """x [B, T, d_model] -> (q, k [B,T,H,dk] L2-normalised, v [B,T,HV,dv],
+    g, β [B,T,HV] in float32, new conv states), continuing from `conv_states`."""
     b, t, _ = x.shape
-    q, k, v, g, beta, conv = self.inputs(x, None if cache is None else cache["conv"], segment_ids)
+    q, k, v, g, beta, conv = self.inputs(x, conv_states, segment_ids)
     q = layers.l2_normalize(q.reshape(b, t, self.heads, self.head_k))
     k = layers.l2_normalize(k.reshape(b, t, self.heads, self.head_k))
-    v = v.reshape(b, t, self.v_heads, self.head_v)
-    if cache is not None and t == 1:  # decoding: one step of the recurrence
+    return q, k, v.reshape(b, t, self.v_heads, self.head_v), g, beta, conv
+
+  def output(self, x: jax.Array, o: jax.Array) -> jax.Array:
+    """Delta-rule output o [B, T, HV, dv] -> [B, T, d_model]: per-head RMSNorm,
+    the swish gate from x [B, T, d_model], the output projection."""
+    b, t = o.shape[:2]
+    gate = None if self.g_proj is None else self.g_proj(x).reshape(o.shape)
+    return self.o_proj(gated_output_norm(self.o_norm, o, gate).reshape(b, t, -1))
+
+  def _mix(self, x, cache, segment_ids=None):
+    conv_states = None if cache is None else cache["conv"]
+    q, k, v, g, beta, conv = self.project(x, conv_states, segment_ids)
+    if cache is not None and x.shape[1] == 1:  # decoding: one step of the recurrence
       o, state = ops.gated_delta_rule_step(
         q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"]
       )
@@ -148,9 +186,7 @@ class GatedDeltaNet(base.Mixer):
         segment_ids=segment_ids,
         implementation=self.implementation,
       )
-    gate = None if self.g_proj is None else self.g_proj(x).reshape(o.shape)
-    y = self.o_proj(gated_output_norm(self.o_norm, o, gate).reshape(b, t, -1))
-    return y, {"state": state.astype(jnp.float32), "conv": conv}
+    return self.output(x, o), {"state": state.astype(jnp.float32), "conv": conv}
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """[B, T, d_model] -> [B, T, d_model] (chunked form); segment_ids [B, T] or None."""

@@ -23,7 +23,11 @@ from attnlab import ops
 from attnlab.models.attention import registry, softmax
 
 
-@registry.register("lucid", uses_rope=False)
+@registry.register(
+  "lucid",
+  uses_rope=False,
+  analysis=softmax.ANALYSIS,
+)
 class LucidAttention(softmax.SoftmaxAttention):
   """LUCID: [B, T, d_model] -> [B, T, d_model]; cache of (k, v′)."""
 
@@ -33,6 +37,7 @@ class LucidAttention(softmax.SoftmaxAttention):
     self.block_size = options.block_size
 
   def values(self, k: jax.Array, v: jax.Array) -> jax.Array:
+    """V′ = L⁻¹ V [B, T, Hkv, hd] from k, v [B, T, Hkv, hd] (see the module docstring)."""
     v_prime = ops.lucid_values(
       k, v, eps=self.eps, block_size=self.block_size, implementation=self.implementation
     )

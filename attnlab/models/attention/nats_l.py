@@ -54,7 +54,7 @@ from ml_collections import ConfigDict
 
 from attnlab import ops
 from attnlab.models import layers
-from attnlab.models.attention import base, gated_deltanet, registry
+from attnlab.models.attention import base, common_form, gated_deltanet, registry
 
 ATTENTION, DELTA = 0, 1  # option order of the block types
 
@@ -83,9 +83,54 @@ def straight_through_types(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
   return frozen + hard * (types - frozen), hard
 
 
+def _forms(mixer: NAtSL, x: jax.Array) -> common_form.Forms:
+  """The direct sum of the delta path (a DeltaForm with block resets and the
+  hard block types as write gates) and the block-sparse softmax path."""
+  dt = common_form.analysis_dtype(x)
+  heads_first = lambda a: common_form.heads_first(a, dt)
+  t = x.shape[1]
+  (qd, kd, vd, g, beta), (qa, ka, va), _, _ = mixer.views(x)
+  _, hard = mixer.block_types(x)  # [B, N, H, 2]; the forward pass uses the hard types
+  size = mixer.block_size
+  block = jnp.arange(t) // size
+  complete = (block + 1) * size <= t  # an incomplete last block never writes
+  write = hard[..., DELTA][:, block] * complete[None, :, None]
+  delta = common_form.DeltaForm(
+    log_alpha=heads_first(g),
+    beta=heads_first(beta),
+    k=heads_first(kd),
+    c=heads_first(qd) * mixer.head_k**-0.5,
+    u=heads_first(vd),
+    write=heads_first(write),
+    reset=jnp.arange(t) % size == 0,
+  )
+  group = mixer.attn_heads // mixer.heads
+  key_type = jnp.repeat(hard[..., ATTENTION], group, axis=2)[:, block]  # [B, T(key), Ha]
+  earlier = block[None, :] < block[:, None]  # [T(query), T(key)]
+  same = block[None, :] == block[:, None]
+  visible = same[None, None] | (earlier[None, None] & (heads_first(key_type) > 0)[:, :, None])
+  attention = common_form.KernelForm(
+    q=heads_first(qa),
+    k=heads_first(ka),
+    scale=jnp.full((x.shape[0], mixer.attn_heads, t), mixer.attn_k**-0.5, dt),
+    u=heads_first(va),
+    visible=visible,
+  )
+  return {"delta": delta, "attention": attention}
+
+
+def _readout(mixer: NAtSL, x: jax.Array, outputs: dict[str, jax.Array]) -> jax.Array:
+  merge = mixer.views(x)[2]
+  o_delta, o_attn = (common_form.time_first(outputs[p]) for p in ("delta", "attention"))
+  return mixer.output(x, o_delta, o_attn, merge)
+
+
 @registry.register(
   "nats_l",
   uses_rope=False,
+  analysis=common_form.Adapter(
+    forms=_forms, readout=_readout, hooks=("views", "block_types", "output")
+  ),
   no_decay=("A_log", "dt_bias"),
 )
 class NAtSL(base.Mixer):
@@ -95,7 +140,7 @@ class NAtSL(base.Mixer):
     del use_rope  # the softmax path is NoPE; the delta path needs no positions
     super().__init__(model, options, rngs=rngs)
     delta_options = ConfigDict(dict(options, num_v_heads=0))
-    self.heads, self.head_k, _, self.head_v = gated_deltanet._head_geometry(model, delta_options)
+    self.heads, self.head_k, _, self.head_v = gated_deltanet.head_geometry(model, delta_options)
     self.attn_heads = options.num_attn_heads or 2 * self.heads
     key_dim, value_dim = self.heads * self.head_k, self.heads * self.head_v
     if self.attn_heads % self.heads or key_dim % self.attn_heads or value_dim % self.attn_heads:
@@ -118,8 +163,15 @@ class NAtSL(base.Mixer):
     self.implementation = options.implementation
     self.collect_statistics = False  # opt-in: see the module docstring
 
-  def _views(self, x: jax.Array, conv_states):
-    """Both head views of the shared projections, for every token of x."""
+  def views(self, x: jax.Array, conv_states: dict | None = None):
+    """Both head views of the shared projections, for every token of x [B, T, d_model].
+
+    Returns:
+      (delta, attention, merge, new conv states), continuing from `conv_states`:
+      delta = (q, k [B,T,H,dk] L2-normalised, v [B,T,H,dv], g, β [B,T,H]
+      float32); attention = (q, k [B,T,Ha,dka] qk-RMSNormed, v [B,T,Ha,dva]);
+      merge = the softmax weights (w_δ, w_a) [B,T,Ha,2] of the two paths.
+    """
     b, t, _ = x.shape
     q, k, v, g, beta, conv = self.inputs(x, conv_states)
     delta = (
@@ -139,7 +191,12 @@ class NAtSL(base.Mixer):
     )
     return delta, attn, merge, conv
 
-  def _output(self, x: jax.Array, o_delta: jax.Array, o_attn: jax.Array, merge: jax.Array):
+  def output(
+    self, x: jax.Array, o_delta: jax.Array, o_attn: jax.Array, merge: jax.Array
+  ) -> jax.Array:
+    """The two paths' outputs o_delta [B,T,H,dv] and o_attn [B,T,Ha,dva] ->
+    [B, T, d_model]: per-path RMSNorm, merged with `merge` [B,T,Ha,2], the
+    swish gate from x [B, T, d_model], the output projection."""
     b, t, _ = x.shape
     o_delta = o_delta.reshape(b, t, self.attn_heads, self.attn_v)
     y = merge[..., :1] * self.delta_norm(o_delta) + merge[..., 1:] * self.attn_norm(o_attn)
@@ -154,7 +211,7 @@ class NAtSL(base.Mixer):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, d_model] -> [B, T, d_model] (parallel form)."""
-    delta, attn, merge, _ = self._views(x, None)
+    delta, attn, merge, _ = self.views(x)
     gates, hard = self.block_types(x)
     group = self.attn_heads // self.heads
     o_delta = ops.block_gated_delta_rule(
@@ -171,7 +228,7 @@ class NAtSL(base.Mixer):
     )
     if self.collect_statistics:
       self.sow(nnx.Intermediate, "attn_block_fraction", jnp.mean(hard[..., ATTENTION]))
-    return self._output(x, o_delta, o_attn, merge)
+    return self.output(x, o_delta, o_attn, merge)
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict:
     slots = -(-max_len // self.block_size)
@@ -190,7 +247,7 @@ class NAtSL(base.Mixer):
 
   def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
     """Token-by-token recurrence over x [B, t, D] with the block-aware cache."""
-    delta, attn, merge, conv = self._views(x, cache["conv"])
+    delta, attn, merge, conv = self.views(x, cache["conv"])
     size, group = self.block_size, self.attn_heads // self.heads
     scorer = self.scorer.kernel[...]
     slots = cache["k"].shape[1]
@@ -238,4 +295,4 @@ class NAtSL(base.Mixer):
     xs = tuple(jnp.moveaxis(a, 1, 0) for a in (*delta, *attn, x)) + (positions,)
     carry, (o_delta, o_attn) = jax.lax.scan(one_token, carry, xs)
     o_delta, o_attn = (jnp.moveaxis(a, 0, 1) for a in (o_delta, o_attn))
-    return self._output(x, o_delta, o_attn, merge), {**carry, "conv": conv}
+    return self.output(x, o_delta, o_attn, merge), {**carry, "conv": conv}

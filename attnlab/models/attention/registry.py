@@ -1,9 +1,11 @@
 """The one registry of attention variants, by name.
 
-A variant registers its mixer class, whether it uses RoPE by default, and
-which of its parameters are exempt from weight decay or use the temperature
-learning rate. Its options live in the config (`config.model.mixer.<name>`,
-defaults in `attnlab.config.mixer_options`); `build` checks them.
+A variant registers its mixer class, whether it uses RoPE by default, its
+analysis adapter (how `attnlab.analysis` reads the layer in the common form,
+defined next to the mixer), and which of its parameters are exempt from weight
+decay or use the temperature learning rate. Its options live in the config
+(`config.model.mixer.<name>`, defaults in `attnlab.config.mixer_options`);
+`build` checks them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from attnlab import config as config_lib
+from attnlab.models.attention.common_form import Adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,7 @@ class Variant:
   name: str
   mixer_cls: type
   uses_rope: bool
+  analysis: Adapter
   no_decay: tuple[str, ...] = ()
   temperature: tuple[str, ...] = ()
 
@@ -33,15 +37,18 @@ def register(
   name: str,
   *,
   uses_rope: bool,
+  analysis: Adapter,
   no_decay: tuple[str, ...] = (),
   temperature: tuple[str, ...] = (),
 ) -> Callable[[type], type]:
-  """Class decorator adding a mixer to the registry."""
+  """Class decorator adding a mixer to the registry, with its analysis adapter."""
 
   def wrap(cls: type) -> type:
     if name in _VARIANTS:
       raise ValueError(f"attention variant {name!r} registered twice")
-    _VARIANTS[name] = Variant(name, cls, uses_rope, tuple(no_decay), tuple(temperature))
+    if not isinstance(analysis, Adapter):
+      raise TypeError(f"attention variant {name!r}: analysis must be a common_form.Adapter")
+    _VARIANTS[name] = Variant(name, cls, uses_rope, analysis, tuple(no_decay), tuple(temperature))
     return cls
 
   return wrap

@@ -35,12 +35,40 @@ from ml_collections import ConfigDict
 
 from attnlab import ops
 from attnlab.models import layers
-from attnlab.models.attention import base, registry
+from attnlab.models.attention import base, common_form, registry
+from attnlab.ops import soft as soft_op
+
+
+def _forms(mixer: SoftAttention, x: jax.Array) -> common_form.Forms:
+  """Linear attention over the op's own Nyström features: P A⁺ on the query
+  side, P on the key side; state [m, dv] per head. The normalised form clamps
+  η_t as the op does (`soft_op.normalizer_floor`); the conv skip on v is
+  outside the form (`_readout`)."""
+  dt = common_form.analysis_dtype(x)
+  opts = mixer.options
+  q, v = mixer.project(x)
+  q_side, k_side = soft_op.nystrom_features(
+    q.astype(dt), mixer.landmarks[...].astype(dt), newton_iters=opts.newton_iters, ridge=opts.ridge
+  )
+  if not opts.normalize:
+    q_side, k_side, v = (common_form.heads_first(a, dt) for a in (q_side, k_side, v))
+    return {"main": common_form.ScalarForm(jnp.zeros(q_side.shape[:3], dt), k_side, q_side, v)}
+  floor = soft_op.normalizer_floor(q_side, jnp.cumsum(k_side, axis=1), soft_op.NORMALIZER_EPS)
+  q_side, k_side, v = (common_form.heads_first(a, dt) for a in (q_side, k_side, v))
+  floor = common_form.heads_first(floor[..., 0], dt)  # [B, H, T]
+  form = common_form.normalized_linear_form(q_side, k_side, v, floor=floor, positive=True)
+  return {"main": form}
+
+
+def _readout(mixer: SoftAttention, x: jax.Array, outputs: dict[str, jax.Array]) -> jax.Array:
+  _, v = mixer.project(x)
+  return mixer.output(common_form.time_first(outputs["main"]).astype(mixer.dtype), v)[0]
 
 
 @registry.register(
   "soft",
   uses_rope=False,
+  analysis=common_form.Adapter(forms=_forms, readout=_readout, hooks=("project", "output")),
   no_decay=("landmarks",),
 )
 class SoftAttention(base.Mixer):
@@ -65,11 +93,29 @@ class SoftAttention(base.Mixer):
     )
     self.options = options
 
-  def _mix(self, x: jax.Array, cache: dict | None) -> tuple[jax.Array, dict]:
+  def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, d_model] -> q (also the keys) and v, both [B, T, H, hd]."""
     b, t, _ = x.shape
-    q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
-    v_flat = self.v(x)
-    v = v_flat.reshape(q.shape)
+    shape = (b, t, self.num_heads, self.head_dim)
+    return self.q(x).reshape(shape), self.v(x).reshape(shape)
+
+  def output(
+    self, o: jax.Array, v: jax.Array, conv_state: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """Attention output o and values v [B, T, H, hd] -> ([B, T, d_model], conv state).
+
+    Adds the causal depthwise conv skip on v (continuing from `conv_state`)
+    before the output projection; the state is None without a conv.
+    """
+    b, t = o.shape[:2]
+    o = o.reshape(b, t, -1)
+    if self.v_conv is None:
+      return self.out(o), None
+    skip, conv_state = self.v_conv(v.reshape(b, t, -1), conv_state)
+    return self.out(o + skip), conv_state
+
+  def _mix(self, x: jax.Array, cache: dict | None) -> tuple[jax.Array, dict]:
+    q, v = self.project(x)
     opts = self.options
     o, state = ops.soft_attention(
       q,
@@ -83,12 +129,8 @@ class SoftAttention(base.Mixer):
       chunk_size=opts.chunk_size,
       implementation=opts.implementation,
     )
-    o = o.reshape(b, t, -1)
-    conv_state = None
-    if self.v_conv is not None:
-      skip, conv_state = self.v_conv(v_flat, None if cache is None else cache["conv"])
-      o = o + skip
-    return self.out(o), {"state": state.astype(jnp.float32), "conv": conv_state}
+    y, conv_state = self.output(o, v, None if cache is None else cache["conv"])
+    return y, {"state": state.astype(jnp.float32), "conv": conv_state}
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, d_model] -> [B, T, d_model]."""

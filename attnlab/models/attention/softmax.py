@@ -9,17 +9,61 @@ from ml_collections import ConfigDict
 
 from attnlab import ops
 from attnlab.models import layers
-from attnlab.models.attention import base, registry
+from attnlab.models.attention import base, common_form, registry
 
 
-@registry.register("softmax", uses_rope=True)
+def kernel_form(mixer: SoftmaxAttention, x: jax.Array) -> common_form.KernelForm:
+  """A softmax-family layer on x [B, T, d_model] as a softmax `KernelForm`,
+  read from the mixer's own `project` and `values` hooks (so SSA's
+  temperatures and LUCID's values come along)."""
+  dt = common_form.analysis_dtype(x)
+  b, t, _ = x.shape
+  q, k, v, logit_scale = mixer.project(x, jnp.arange(t))
+  group = q.shape[2] // k.shape[2]
+  repeat = lambda a: jnp.repeat(a, group, axis=2)
+  scale = jnp.full(q.shape[:3], q.shape[-1] ** -0.5, dt)
+  if logit_scale is not None:
+    scale = scale * logit_scale.astype(dt)
+  value_map = None
+  if type(mixer).values is not SoftmaxAttention.values:
+    # The values are a linear map of v (LUCID: L⁻¹ v); read it off the
+    # mixer's own `values` applied to the identity.
+    eye = jnp.broadcast_to(jnp.eye(t, dtype=v.dtype)[None, :, None], (b, t, k.shape[2], t))
+    value_map = common_form.heads_first(repeat(mixer.values(k, eye)), dt)
+  return common_form.KernelForm(
+    q=common_form.heads_first(q, dt),
+    k=common_form.heads_first(repeat(k), dt),
+    scale=jnp.swapaxes(scale, 1, 2),
+    u=common_form.heads_first(repeat(mixer.values(k, v)), dt),
+    value_map=value_map,
+  )
+
+
+def output_readout(
+  mixer: SoftmaxAttention, x: jax.Array, outputs: dict[str, jax.Array]
+) -> jax.Array:
+  """The kernel form's output {'main': [B, H, T, hd]} through the output projection."""
+  del x
+  return mixer.output(common_form.time_first(outputs["main"]).astype(mixer.dtype))
+
+
+# Shared by the variants that keep softmax attention's map (SSA, LUCID).
+ANALYSIS = common_form.Adapter(
+  forms=lambda mixer, x: {"main": kernel_form(mixer, x)},
+  readout=output_readout,
+  hooks=("project", "values", "output"),
+)
+
+
+@registry.register("softmax", uses_rope=True, analysis=ANALYSIS)
 class SoftmaxAttention(base.Mixer):
   """Multi-head causal softmax attention; the cache holds k and v.
 
   Variants that keep the projections and the KV cache override hooks:
   `project` (q, k, v and per-query logit scales, e.g. SSA), `values` /
   `cached_values` (what is attended to, e.g. LUCID) and `attend` /
-  `attend_cached` (the attention map, e.g. softplus).
+  `attend_cached` (the attention map, e.g. softplus). The analysis reads the
+  layer through `project`, `values` and `output` (`kernel_form`).
   """
 
   def __init__(self, model: ConfigDict, options: ConfigDict, *, use_rope: bool, rngs: nnx.Rngs):
@@ -60,23 +104,26 @@ class SoftmaxAttention(base.Mixer):
       q, k_cache, v_cache, length, logit_scale=logit_scale, implementation=self.implementation
     )
 
+  def output(self, o: jax.Array) -> jax.Array:
+    """Attention output o [B, T, H, hd] -> [B, T, d_model] (output projection)."""
+    b, t = o.shape[:2]
+    return self.out(o.reshape(b, t, -1))
+
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, d_model] -> [B, T, d_model]."""
-    b, t, _ = x.shape
-    q, k, v, logit_scale = self.project(x, jnp.arange(t))
-    o = self.attend(q, k, self.values(k, v), logit_scale)
-    return self.out(o.reshape(b, t, -1))
+    q, k, v, logit_scale = self.project(x, jnp.arange(x.shape[1]))
+    return self.output(self.attend(q, k, self.values(k, v), logit_scale))
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict:
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
   def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
-    b, t, _ = x.shape
+    t = x.shape[1]
     q, k, v, logit_scale = self.project(x, start + jnp.arange(t))
     v = self.cached_values(k, v, cache, start)
     index = (0, start, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), index)
     v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), index)
     o = self.attend_cached(q, k_cache, v_cache, start + t, logit_scale)
-    return self.out(o.reshape(b, t, -1)), {"k": k_cache, "v": v_cache}
+    return self.output(o), {"k": k_cache, "v": v_cache}

@@ -16,11 +16,25 @@ decoding reproduces the parallel form.
 
 from __future__ import annotations
 
+import jax
+
 from attnlab import ops
-from attnlab.models.attention import registry, softmax
+from attnlab.models.attention import common_form, registry, softmax
 
 
-@registry.register("softplus", uses_rope=True)
+def _forms(mixer: SoftplusAttention, x: jax.Array) -> common_form.Forms:
+  """Softmax attention's kernel form with the softplus kernel (which has no logit scale)."""
+  form = softmax.kernel_form(mixer, x)
+  return {"main": form.replace(kernel="softplus", power=mixer.power)}
+
+
+@registry.register(
+  "softplus",
+  uses_rope=True,
+  analysis=common_form.Adapter(
+    forms=_forms, readout=softmax.output_readout, hooks=softmax.ANALYSIS.hooks
+  ),
+)
 class SoftplusAttention(softmax.SoftmaxAttention):
   """LSSA / LSSAR: [B, T, d_model] -> [B, T, d_model]; KV cache."""
 

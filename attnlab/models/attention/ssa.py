@@ -40,6 +40,7 @@ from attnlab.models.attention import registry, softmax
 @registry.register(
   "ssa",
   uses_rope=True,
+  analysis=softmax.ANALYSIS,
   temperature=("ssa_alpha",),
   no_decay=("ssa_alpha", "ssa_u_q", "ssa_u_v"),
 )
@@ -66,7 +67,9 @@ class SelectiveAttention(softmax.SoftmaxAttention):
       tau_v = tau_v + jnp.tanh(jnp.einsum("bthd,hd->bth", gelu(v_raw), self.ssa_u_v[...]))
     return tau_q, tau_v
 
-  def project(self, x, positions):
+  def project(self, x: jax.Array, positions: jax.Array):
+    """x [B, T, d_model] at absolute positions [T] -> q [B,T,H,hd] (qk-norm,
+    RoPE), k, τ_v-scaled v [B,T,Hkv,hd], and τ_q [B,T,H] as the logit scale."""
     q, k, v = self.qkv.project(x)
     tau_q, tau_v = self.temperatures(q, v, positions)
     q, k = self.qkv.position(q, k, positions)

@@ -24,6 +24,10 @@ _DISPATCH = _dispatch.Dispatch(
   op="soft_attention", package="attnlab.ops.soft", implementations=("xla", "reference")
 )
 
+# Relative floor of the normalised row sum (see `soft_attention`); the analysis
+# rebuilds the same clamp from it.
+NORMALIZER_EPS = 1e-6
+
 
 def newton_inverse(a: jax.Array, *, iters: int = 20, ridge: float = 0.01) -> jax.Array:
   """(A + ridge·I)⁻¹ by Newton–Schulz iterations, with SOFT's gradient rule.
@@ -54,7 +58,7 @@ def soft_attention(
   newton_iters: int = 20,
   ridge: float = 0.01,
   normalize: bool = True,
-  eps: float = 1e-6,
+  eps: float = NORMALIZER_EPS,
   causal: bool = True,
   initial_state: jax.Array | None = None,
   output_final_state: bool = False,
