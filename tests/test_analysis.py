@@ -100,6 +100,7 @@ def test_nats_l_case_mixes_block_types():
   forms = _all_forms(mixer, x, variant)[0]
   write = np.asarray(forms["delta"].write)[:, :, :16]  # the two complete blocks
   assert 0 < write.mean() < 1
+  np.testing.assert_array_equal(np.flatnonzero(forms["delta"].reset), [0, 8, 16])  # blocks of 8
   visible = np.asarray(forms["attention"].visible)
   assert visible[:, :, 16:, :16].any() and not visible[:, :, 16:, :16].all()
 

@@ -267,6 +267,11 @@ def test_sigkill_during_an_async_save_resumes_to_the_same_losses(tmp_path):
   assert "skipped checkpoint" in resumed.stderr and unfinished in resumed.stderr
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged")) == [unfinished]
 
+  # The rerun resumed after the newest complete checkpoint, not from step 0
+  # (which would give the same losses).
+  steps = [r["step"] for r in metric_rows(workdir)]
+  rerun = steps[complete[-1] - _TOTAL :]
+  assert steps.count(1) == 1 and rerun == list(range(complete[-1] + 1, _TOTAL + 1))
   expected, got = loss_by_step(reference), loss_by_step(workdir)  # later rows win
   assert sorted(got) == list(range(1, _TOTAL + 1))
   np.testing.assert_allclose(

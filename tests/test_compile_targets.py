@@ -21,6 +21,9 @@ from attnlab.ops import _dispatch
 from tests.conftest import compile_for_tpu, lower_for_cuda, tpu_mesh, value_and_grads
 
 T = 1000  # not a multiple of any block: padding and masking are compiled too
+# Kernels in one forward and backward program: the forward (LSSAR's two
+# passes), then dq and dk/dv. Fewer means part of it ran on the XLA path.
+KERNELS = {"softmax": 3, "lssa": 3, "lssar": 5}
 
 
 def _args(t, heads, kv_heads, d, dtype, batch=1):
@@ -64,7 +67,7 @@ def test_tpu_kernel_compiles(topology, kind, dtype, d):
   # compiled for a TPU, although this process's backend is the CPU.
   f, argnums = _op(kind, None)
   compiled, hlo = compile_for_tpu(value_and_grads(f, argnums), _args(T, 8, 2, d, dtype), topology)
-  assert "tpu_custom_call" in hlo, "the XLA path was compiled instead of the Mosaic kernel"
+  assert hlo.count("tpu_custom_call") == KERNELS[kind], "XLA compiled instead of a Mosaic kernel"
   memory = compiled.memory_analysis()
   chip = hardware.chip(tpu_mesh(topology).devices.flat[0].device_kind)
   used = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -87,7 +90,8 @@ def test_gpu_kernel_lowers_for_cuda(kind):
     )
 
   text = lower_for_cuda(value_and_grads(kernel, argnums), _args(300, 4, 2, 68, jnp.bfloat16))
-  assert "triton" in text.lower(), "no Triton kernel in the CUDA lowering"
+  # Forward (on a GPU LSSAR's two passes are one kernel), dq and dk/dv.
+  assert text.count("__gpu$xla.gpu.triton") == 3, "part of it ran on the XLA path"
 
 
 def test_dispatch_follows_the_compile_target():
@@ -102,13 +106,16 @@ def test_dispatch_follows_the_compile_target():
   jax.jit(spy).lower(q)  # no mesh: the host's backend
   assert picked == {"target": "cpu", "softmax": "xla"}
   mesh = tpu_mesh("v5e:2x2")
+  picked.clear()
   with jax.set_mesh(mesh):  # a TPU mesh in context
     jax.jit(spy).lower(q)
   assert picked == {"target": "tpu", "softmax": "pallas_tpu"}
+  picked.clear()  # else the mesh case's answer would pass for this one
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   jax.jit(spy).lower(jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=sharding))  # in_shardings
-  assert picked["target"] == "tpu"
-  assert _dispatch.interpret_default("tpu", jnp.zeros(3)) is not False  # host arrays: interpret
+  assert picked == {"target": "tpu", "softmax": "pallas_tpu"}
+  assert _dispatch.interpret_default("tpu", jnp.zeros(3)) is True  # host arrays: interpret
+  assert _dispatch.interpret_default("cpu", jnp.zeros(3)) is False
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])

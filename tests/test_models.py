@@ -112,11 +112,11 @@ def test_layer_pattern_builds_the_named_mixers():
   cfg = _model_config(layer_pattern="linear,linear,softmax", num_layers=6)
   assert layer_mixers(cfg) == ["linear", "linear", "softmax"] * 2
   model = build_model(cfg, nnx.Rngs(0))
-  assert [type(b.mixer).__name__ for b in model.blocks][:3] == [
+  assert [type(b.mixer).__name__ for b in model.blocks] == [
     "LinearAttention",
     "LinearAttention",
     "SoftmaxAttention",
-  ]
+  ] * 2
   with pytest.raises(ValueError, match="does not divide"):
     layer_mixers(_model_config(layer_pattern="linear,softmax", num_layers=3))
   with pytest.raises(ValueError, match="unknown attention variant 'sofmax'"):
@@ -149,8 +149,15 @@ def test_untied_head_and_bf16_compute():
   cfg = _model_config(tie_embeddings=False, dtype="bfloat16")
   model = build_model(cfg, nnx.Rngs(0))
   assert model.lm_head is not None and model.lm_head.kernel[...].dtype == jnp.float32
-  logits = model(jnp.zeros((1, 5), jnp.int32))
+  assert build_model(_model_config(), nnx.Rngs(0)).lm_head is None  # tied by default
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 50, (1, 5)))
+  logits = model(tokens)
   assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+  # The same parameters computing in float32: bf16 rounding shows, within bf16's precision.
+  cfg.dtype = "float32"
+  f32 = build_model(cfg, nnx.Rngs(0))(tokens)
+  rel = float(jnp.abs(logits - f32).max() / jnp.abs(f32).max())
+  assert 1e-4 < rel < 5e-2, rel
 
 
 def test_weight_decay_mask_exempts_norms_and_biases():
@@ -164,6 +171,12 @@ def test_weight_decay_mask_exempts_norms_and_biases():
   assert any("embedding" in k for k in decayed) and any(
     "mixer" in k and "kernel" in k for k in decayed
   )
+  # The trunk has no biases; a bias (by name, or any vector) is exempt too.
+  dense = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3), "gain": jnp.ones(3)}
+  assert optim.decay_mask({"dense": dense}) == {
+    "dense": {"kernel": True, "bias": False, "gain": False}
+  }
+  assert optim.decay_mask({"bias": jnp.ones((2, 3))}) == {"bias": False}
 
 
 def test_weight_decay_mask_exempts_delta_decay_parameters():

@@ -166,7 +166,8 @@ def test_linear_gradients(x64, normalize):
 
 
 def test_linear_recurrent_split_equals_parallel():
-  """Running two halves with the carried state equals one parallel pass."""
+  """A 10-token prefix, then one token at a time with the carried state, equals
+  one parallel pass (outputs and final state)."""
   rng = np.random.default_rng(6)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 29, 2, 8)), jnp.float32) for _ in range(3))
   whole, final = ops.linear_attention(q, k, v, output_final_state=True, chunk_size=8)

@@ -147,30 +147,44 @@ def test_tpu_race_detector_finds_no_races_on_two_cores():
 def test_public_ops_dispatch_to_the_tpu_kernels():
   # Default block sizes and interpret mode, through the public API (and LUCID's softmax part).
   q, k, v, ls, _ = _inputs(5, 130, 2, 1, 32, jnp.float32)
+  calls = {  # name: (f(q, k, v, ls, implementation), whether 'pallas_tpu' runs a kernel)
+    "softmax": (lambda q, k, v, ls, impl: ops.softmax_attention(
+      q, k, v, logit_scale=ls, implementation=impl), True),
+    "lssa": (lambda q, k, v, ls, impl: ops.softplus_attention(q, k, v, implementation=impl), True),
+    "lucid": (lambda q, k, v, ls, impl: ops.lucid_attention(q, k, v, implementation=impl), True),
+    # Decoding against a cache keeps working: kernel names run xla there.
+    "cached": (lambda q, k, v, ls, impl: ops.softmax_attention_cached(
+      q[:, -1:], k, v, 130, implementation=impl), False),
+  }  # fmt: skip
 
   @jax.jit
   def both(q, k, v, ls):
-    out = {}
-    for impl in ("pallas_tpu", "xla"):
-      out[impl] = (
-        ops.softmax_attention(q, k, v, logit_scale=ls, implementation=impl),
-        ops.softplus_attention(q, k, v, implementation=impl),
-        ops.lucid_attention(q, k, v, implementation=impl),
-        # Decoding against a cache keeps working: kernel names run xla there.
-        ops.softmax_attention_cached(q[:, -1:], k, v, 130, implementation=impl),
-      )
-    return out
+    return {
+      impl: [f(q, k, v, ls, impl) for f, _ in calls.values()] for impl in ("pallas_tpu", "xla")
+    }
 
   out = both(q, k, v, ls)
-  for name, got, want in zip(("softmax", "lssa", "lucid", "cached"), out["pallas_tpu"], out["xla"]):
+  for name, got, want in zip(calls, out["pallas_tpu"], out["xla"]):
     _close(got, want, 2e-5, name)
+  # Equal values would also come from a silent fallback to xla: the kernel
+  # paths must trace to a Pallas call, and the xla path (and decoding) to none.
+  for name, (f, has_kernel) in calls.items():
+    for impl, expected in (("pallas_tpu", has_kernel), ("xla", False)):
+      jaxpr = str(jax.make_jaxpr(functools.partial(f, impl=impl))(q, k, v, ls))
+      assert ("pallas_call" in jaxpr) == expected, (name, impl)
 
 
 def test_defaults_and_dtype_errors():
   q = jnp.zeros((1, 8, 2, 16), jnp.float32)
   if jax.default_backend() == "cpu":
-    out = ops.softmax_attention(q, q, q)  # None means the xla path on a CPU
-    np.testing.assert_array_equal(out, ops.softmax_attention(q, q, q, implementation="xla"))
+    # None means the xla path on a CPU: the very same program as implementation='xla'
+    # (values alone would not tell: zero inputs give 0 on every path).
+    default = jax.make_jaxpr(lambda q: ops.softmax_attention(q, q, q))(q)
+    xla = jax.make_jaxpr(lambda q: ops.softmax_attention(q, q, q, implementation="xla"))(q)
+    reference = jax.make_jaxpr(
+      lambda q: ops.softmax_attention(q, q, q, implementation="reference")
+    )(q)
+    assert str(default) == str(xla) != str(reference)
   with pytest.raises(ValueError, match="unknown implementation"):
     ops.softplus_attention(q, q, q, implementation="cudnn")
   with pytest.raises(ValueError, match="bfloat16, float16 or float32"):

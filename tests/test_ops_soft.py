@@ -59,6 +59,14 @@ def test_newton_inverse_is_a_truncated_inverse_when_ill_conditioned(x64):
   # Unconverged directions lag, but the residual never grows.
   assert residual(20) > 1e-3
   assert residual(40) <= residual(20) + 1e-12
+  # Truncated: a spectral filter of A. In A's eigenbasis X·A is diagonal, the
+  # exact inverse (gain 1) on the large eigenvalues and near 0 on the small.
+  lam, basis = np.linalg.eigh(np.asarray(a[0]))
+  x = np.asarray(ops.newton_inverse(a, iters=20, ridge=0.0))[0]
+  gain = basis.T @ x @ np.asarray(a[0]) @ basis
+  np.testing.assert_allclose(gain - np.diag(np.diag(gain)), 0.0, atol=1e-9)
+  np.testing.assert_allclose(np.diag(gain)[lam > 1e-2], 1.0, atol=1e-9)
+  assert np.all(np.abs(np.diag(gain)[lam < 1e-4]) < 1e-2)
 
 
 def test_newton_inverse_gradient_is_the_analytic_formula(x64):

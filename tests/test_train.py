@@ -101,6 +101,11 @@ def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
   assert max(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints"))) == 20
   trainer.train_and_evaluate(tiny_config(), resumed)  # resumes from step 20
 
+  # A restart from step 0 would give the same losses: the rows show the resume.
+  steps = [r["step"] for r in metric_rows(resumed)]
+  crashed_run, resumed_run = steps[:-10], steps[-10:]
+  assert crashed_run == list(range(1, len(crashed_run) + 1)) and len(crashed_run) >= 20
+  assert resumed_run == list(range(21, 31))
   expected, got = loss_by_step(reference), loss_by_step(resumed)
   assert sorted(got) == list(range(1, 31))
   np.testing.assert_allclose(
@@ -202,8 +207,9 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
     timeout=120,
   )
   assert rerun.returncode == 0, rerun.stderr
+  # The rerun continues after the saved step (a restart would log 1, 2, ... again).
   steps = [r["step"] for r in metric_rows(workdir)]
-  assert steps[-4:] == [stopped_at, stopped_at + 1, stopped_at + 2, stopped_at + 3]
+  assert steps == list(range(1, stopped_at + 4))
 
 
 def test_grain_map_keeps_checkpointable_iterator():
@@ -223,7 +229,8 @@ def test_ssa_with_its_temperature_lr_group_trains_and_resumes(tmp_path):
   config = tiny_config(**{"model.attention": "ssa", "total_steps": 10, "checkpoint_every": 4})
   trainer.train_and_evaluate(config, workdir)
   steps = [r["step"] for r in metric_rows(workdir)]
-  assert steps[-2:] == [9, 10] and np.isfinite(metric_rows(workdir)[-1]["train/loss"])
+  assert steps == list(range(1, 11))  # the second run resumed at step 8's checkpoint
+  assert np.isfinite(metric_rows(workdir)[-1]["train/loss"])
 
 
 def test_evaluate_applies_config_overrides_to_the_saved_run(tmp_path):
