@@ -208,7 +208,7 @@ def _packed_model(attention, **mixer):
   from attnlab.models import build_model
 
   c = config_lib.base_config().model
-  c.update(dict(d_model=32, num_heads=2, mlp_dim=64, vocab_size=50, num_layers=2))
+  c.update(dict(d_model=32, num_heads=2, mlp_dim=64, vocab_size=50, num_layers=1))
   c.update(dict(attention=attention, canon_conv=3))
   c.mixer[attention].update(mixer)
   return build_model(c, nnx.Rngs(0))
