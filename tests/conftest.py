@@ -81,6 +81,19 @@ TINY_RUN_FLAGS = (
 )
 
 
+@functools.cache
+def _jitted_call():
+  from flax import nnx
+
+  return nnx.jit(lambda model, *args: model(*args))
+
+
+def forward(model, *args):
+  """model(*args) compiled as one program: eager op-by-op dispatch of the
+  chunked delta rule takes seconds per new shape on a CPU."""
+  return _jitted_call()(model, *args)
+
+
 def metric_rows(workdir) -> list[dict]:
   """The rows of <workdir>/metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -65,12 +65,14 @@ def _all_forms(mixer, x, variant):
   )
 
 
+@pytest.mark.slow
 def test_unknown_variant_names_the_registered_ones():
   mixer, _, x = _layer("softmax_gqa")
   with pytest.raises(ValueError, match="registered: .*'softmax'"):
     collect.layer_forms(mixer, "no_such_variant", x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_recurrent_equals_parallel_equals_production_layer(case):
   mixer, variant, x = _layer(case)
@@ -85,6 +87,7 @@ def test_recurrent_equals_parallel_equals_production_layer(case):
       np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lucid_effective_attention_acts_on_raw_values():
   mixer, variant, x = _layer("lucid_gqa")
   form = _all_forms(mixer, x, variant)[0]["main"]
@@ -122,6 +125,7 @@ def _random_delta_form(rng, b=2, h=2, t=T, dk=4, dv=3, reset=False, dtype=np.flo
   return F.DeltaForm(**arrays)
 
 
+@pytest.mark.slow
 def test_forms_agree_in_float64(x64):
   rng = np.random.default_rng(0)
   b, h, n, dv = 2, 2, 3, 4
@@ -196,6 +200,7 @@ def test_softmax_eigenvalues_from_lse_equal_normaliser_ratio(x64):
   np.testing.assert_allclose(eigs, reference, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_taylor_converges_at_even_orders(x64):
   rng = np.random.default_rng(4)
   form = _random_kernel_form(rng, spread=0.7, dtype=np.float64)
@@ -231,6 +236,7 @@ def test_histograms_sum_to_100_with_half_open_bins():
   assert Q.histogram_labels(Q.RADIUS_EDGES)[:2] == ["[0,0.1]", "(0.1,0.5]"]
 
 
+@pytest.mark.slow
 def test_closed_forms_of_decay_and_attention_statistics():
   lam = 0.8
   form = F.ScalarForm(
@@ -267,6 +273,7 @@ def test_closed_forms_of_decay_and_attention_statistics():
   np.testing.assert_allclose(Q.effective_rank(jnp.eye(4)), 4.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_report_on_a_model():
   """The report path on a delta layer; the command-line test covers softmax."""
   cfg = _model_config(attention="gated_deltanet")

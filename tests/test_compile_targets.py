@@ -61,6 +61,7 @@ TPU_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology,kind,dtype,d", TPU_CASES)
 def test_tpu_kernel_compiles(topology, kind, dtype, d):
   # implementation=None: the op must pick the TPU kernel because the program is
@@ -118,6 +119,7 @@ def test_dispatch_follows_the_compile_target():
   assert _dispatch.interpret_default("cpu", jnp.zeros(3)) is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("kind", ["softmax", "lssar"])
 def test_kernels_run_under_x64(x64, impl, kind):

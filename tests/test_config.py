@@ -47,6 +47,7 @@ def _train_cli(*args, tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_cli_rejects_typos(tmp_path):
   bad_override = _train_cli("--config.model.d_modle=32", tmp_path=tmp_path)
   assert bad_override.returncode != 0 and "d_modle" in bad_override.stderr
@@ -121,6 +122,7 @@ def test_byte_tokenizer_with_a_32k_vocabulary_is_an_error_when_data_is_built():
     tokenizers.check_vocab_size(byte, 200)
 
 
+@pytest.mark.slow
 def test_prepare_trains_a_sentencepiece_tokenizer(tmp_path):
   from attnlab.data import tokenizers
 

@@ -7,7 +7,7 @@ from flax import nnx
 from attnlab import config as config_lib
 from attnlab.data import make_dataset, synthetic, text, text_corpus, tokenizers
 
-from .conftest import SHAKESPEARE
+from .conftest import SHAKESPEARE, forward
 
 
 def test_mqar_answers_are_the_values_of_queried_keys():
@@ -214,6 +214,7 @@ def _packed_model(attention, **mixer):
   return build_model(c, nnx.Rngs(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "attention,mixer",
   [("gated_deltanet", dict(chunk_size=4, num_v_heads=4)), ("linear", dict(chunk_size=4))],
@@ -244,7 +245,7 @@ def test_packed_row_equals_documents_run_separately(attention, mixer):
   (_, lp), gp = jax.jit(jax.value_and_grad(packed, has_aux=True))(params)
   (_, ls), gs = jax.jit(jax.value_and_grad(separate, has_aux=True))(params)
   np.testing.assert_allclose(lp, ls, atol=2e-5, rtol=2e-5)
-  unpacked = nnx.merge(graphdef, params)(tokens)  # without segment ids documents do mix
+  unpacked = forward(nnx.merge(graphdef, params), tokens)  # without segment ids documents do mix
   assert float(jnp.max(jnp.abs(unpacked - ls))) > 1e-3
   for (path, a), (_, b) in zip(jax.tree.leaves_with_path(gp), jax.tree.leaves_with_path(gs)):
     # float32 sums in another order: tolerance relative to the leaf's largest entry.

@@ -82,6 +82,7 @@ def test_block_size_the_op_cannot_take(cli):
   )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "call",
   [
@@ -184,6 +185,7 @@ def test_config_file_that_does_not_exist(cli):
   )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_program_exits_with_the_message_and_no_traceback(tmp_path):
   """The real command line: exit status 1, the message, no Python traceback."""
   result = subprocess.run(

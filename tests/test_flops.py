@@ -45,6 +45,7 @@ def test_tiny_softmax_hand_count():
   assert counts["train"] == TINY_TRAIN == 568_320
 
 
+@pytest.mark.slow
 def test_softmax_forward_matches_xla_cost_analysis():
   """XLA's own count of the compiled forward (all matmuls, full T×T scores,
   plus elementwise work) lies between our causal count with the full square
@@ -61,6 +62,7 @@ def test_softmax_forward_matches_xla_cost_analysis():
   assert full_square <= xla_per_token <= 1.1 * full_square, (xla_per_token, full_square)
 
 
+@pytest.mark.slow
 def test_gated_deltanet_count_near_xla():
   """The chunked-state formula (Gated DeltaNet's WY form) is within 25% below
   to 10% above XLA's count of the compiled forward (XLA adds elementwise

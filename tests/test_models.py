@@ -13,7 +13,7 @@ from attnlab import config as config_lib
 from attnlab import optim, trainer
 from attnlab.models import attention, build_model, layer_mixers, layers
 
-from .conftest import MODEL_CASES, load_config
+from .conftest import MODEL_CASES, forward, load_config
 
 
 def _model_config(**overrides):
@@ -23,10 +23,14 @@ def _model_config(**overrides):
   return c
 
 
+# One jitted step for every call, so the one-token decode compiles once per model shape.
+_step = nnx.jit(lambda model, tokens, cache: model.step(tokens, cache))
+
+
 def _decode_all(model, tokens, prefill):
   """Prefill `prefill` tokens in one step, then decode the rest one by one."""
   cache = model.init_cache(tokens.shape[0], tokens.shape[1] + 3)
-  step = nnx.jit(lambda model, tokens, cache: model.step(tokens, cache))
+  step = _step
   logits, cache = step(model, tokens[:, :prefill], cache)
   parts = [logits]
   for t in range(prefill, tokens.shape[1]):
@@ -54,12 +58,13 @@ def _randomize_temperatures(model):
         param[...] = jnp.asarray(rng.normal(size=param.shape), jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_decoding_equals_parallel_logits(case):
   model = build_model(_case_config(case), nnx.Rngs(0))
   _randomize_temperatures(model)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 23)))
-  parallel = model(tokens)
+  parallel = forward(model, tokens)
   for prefill in (1, 9):
     np.testing.assert_allclose(_decode_all(model, tokens, prefill), parallel, atol=2e-5, rtol=2e-5)
 
@@ -74,6 +79,7 @@ def test_nats_l_case_has_mixed_block_types():
   assert 0 < float(attention_typed.mean()) < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["softmax", "nats_l", "soft"])
 def test_scanned_layers_equal_unrolled_layers(variant):
   """scan_layers changes only how the layers are stored and compiled."""
@@ -89,8 +95,8 @@ def test_scanned_layers_equal_unrolled_layers(variant):
   assert jax.tree.leaves(nnx.state(scanned.blocks, nnx.Param))[0].shape[0] == 3
 
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 11)))
-  want = unrolled(tokens)
-  np.testing.assert_allclose(scanned(tokens), want, atol=1e-5, rtol=1e-5)
+  want = forward(unrolled, tokens)
+  np.testing.assert_allclose(forward(scanned, tokens), want, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(_decode_all(scanned, tokens, 5), want, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(scanned.layer(2)(want[..., :32]), unrolled.blocks[2](want[..., :32]))
   # Sown per-layer statistics keep their layer names; nothing is sown unless asked.
@@ -123,6 +129,7 @@ def test_layer_pattern_builds_the_named_mixers():
     layer_mixers(_model_config(attention="sofmax"))
 
 
+@pytest.mark.slow
 def test_rope_switch_changes_outputs_and_is_position_sensitive():
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (1, 12)))
   with_rope = build_model(_model_config(rope=True), nnx.Rngs(0))(tokens)
@@ -145,6 +152,7 @@ def test_partial_rotary_rotates_only_the_leading_dims():
     layers.apply_rope(x, positions, 100.0, fraction=0.1)
 
 
+@pytest.mark.slow
 def test_untied_head_and_bf16_compute():
   cfg = _model_config(tie_embeddings=False, dtype="bfloat16")
   model = build_model(cfg, nnx.Rngs(0))
@@ -190,6 +198,7 @@ def test_weight_decay_mask_exempts_delta_decay_parameters():
     assert any(m for k, m in flat.items() if name in k), name
 
 
+@pytest.mark.slow
 def test_nats_l_straight_through_gradient_reaches_the_scorer():
   cfg = _case_config("nats_l")
   model = build_model(cfg, nnx.Rngs(0))
@@ -204,6 +213,7 @@ def test_nats_l_straight_through_gradient_reaches_the_scorer():
   assert bool(jnp.isfinite(scorer).all()) and float(jnp.abs(scorer).max()) > 1e-6
 
 
+@pytest.mark.slow
 def test_nats_l_routing_gradient_matches_finite_differences_of_a_soft_gate(x64):
   """Both options' routing gradients are d(loss)/d(gate) of a soft gate at its
   hard value, unscaled (official kernels since upstream 72924be), through the
@@ -322,6 +332,7 @@ def test_gated_deltanet_1b_parameter_count():
   assert 1.3e9 < expected < 1.45e9, expected
 
 
+@pytest.mark.slow
 def test_nats_l_340m_parameter_count_and_layer_pattern():
   config = load_config("nats_l_340m")
   m = config.model
@@ -344,6 +355,7 @@ def test_nats_l_340m_parameter_count_and_layer_pattern():
   assert 0.33e9 < expected < 0.4e9, expected
 
 
+@pytest.mark.slow
 def test_ssa_extra_parameters_stay_under_half_a_percent_and_use_their_own_lr():
   def layer_params(attention):
     model = build_model(

@@ -85,6 +85,7 @@ def test_lucid_solve_with_exactly_aligned_keys_is_the_difference_operator(x64, t
   assert err < 8 * t * 2.0**-24
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", _sizes(512, 8192, 32768))
 def test_lucid_solve_as_keys_align(x64, t):
   """Keys = a shared direction + 3% noise: L's entries near 1, the worst
@@ -113,6 +114,7 @@ def test_lssar_p15_at_long_context(x64, t):
   )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", _sizes(512, 8192))
 def test_soft_normaliser_at_long_context(x64, t):
   """Queries at radius 3 from landmarks near the origin: features e^{−‖q−l‖²/2√d}
@@ -144,6 +146,7 @@ def _delta_worst_case(t, runs_of):
   return q, k, v, g, beta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runs_of", [0.0, -30.0], ids=["no_decay", "total_decay"])
 @pytest.mark.parametrize("t", _sizes(512, 8192))
 def test_gated_delta_chunk_inverse_worst_case(x64, t, runs_of):

@@ -45,6 +45,7 @@ def test_softmax_values_match_float64_references(x64, heads, kv_heads, with_logi
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_softmax_gradients(x64):
   rng = np.random.default_rng(1)
   q, k, v = _rand(rng, 1, 13, 4, 8), _rand(rng, 1, 13, 2, 8), _rand(rng, 1, 13, 2, 8)
@@ -62,6 +63,7 @@ def test_softmax_gradients(x64):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_softmax_cached_decoding_equals_full(x64):
   rng = np.random.default_rng(2)
   q, k, v = _rand(rng, 2, 11, 4, 8), _rand(rng, 2, 11, 2, 8), _rand(rng, 2, 11, 2, 8)
@@ -131,6 +133,7 @@ def test_linear_matches_recurrence_with_initial_state(x64, normalize, t, chunk):
       np.testing.assert_allclose(final[1], z, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", [False, True])
 def test_linear_gradients(x64, normalize):
   rng = np.random.default_rng(5)
@@ -165,6 +168,7 @@ def test_linear_gradients(x64, normalize):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_linear_recurrent_split_equals_parallel():
   """A 10-token prefix, then one token at a time with the carried state, equals
   one parallel pass (outputs and final state)."""

@@ -43,6 +43,7 @@ def _check(f, args, seed):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_chunked_softmax_with_logit_scale_matches_reference(x64, small_chunks):
   q, k, v = _qkv(0)
   ls = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, q.shape[:3]))
@@ -50,6 +51,7 @@ def test_chunked_softmax_with_logit_scale_matches_reference(x64, small_chunks):
   _check(f, (q, k, v, ls), 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("power", [None, 15.0])
 def test_chunked_softplus_matches_reference(x64, small_chunks, power):
   q, k, v = _qkv(3)

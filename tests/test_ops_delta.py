@@ -74,6 +74,7 @@ def test_gated_delta_matches_float64_loop(x64, hv, packed):
     np.testing.assert_allclose(s, expected_s, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,chunk", [(37, 16), (64, 64), (5, 64), (70, 32)])
 def test_chunked_equals_recurrence_float32_values_and_gradients(t, chunk):
   q, k, v, g, beta, state = _inputs(1, t=t)
@@ -97,6 +98,7 @@ def test_chunked_equals_recurrence_float32_values_and_gradients(t, chunk):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow
 def test_gated_delta_gradients_match_finite_differences(x64):
   q, k, v, g, beta, state = _inputs(4, b=1, t=11, h=1, dk=4, dv=3, dtype=jnp.float64)
   f = lambda *a: ops.gated_delta_rule(
@@ -105,6 +107,7 @@ def test_gated_delta_gradients_match_finite_differences(x64):
   check_grads(jax.jit(f), (q, k, v, g, beta, state), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gated_delta_low_precision_and_errors():
   q, k, v, g, beta, _ = _inputs(5, t=19)
   o16, _ = ops.gated_delta_rule(*(a.astype(jnp.bfloat16) for a in (q, k, v)), g, beta)
@@ -148,6 +151,7 @@ def test_gated_delta_every_gradient_matches_float64_recurrence(x64, hv, packed, 
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
+@pytest.mark.slow
 def test_gated_delta_packed_row_equals_separate_documents(x64):
   """A packed row gives each document the outputs and gradients it gets alone;
   the initial state reaches only the first document, the final state is the last's."""
@@ -205,6 +209,7 @@ def test_gated_delta_step_matches_float64_loop(x64):
     ops.gated_delta_rule_step(q, k, v[:, 0], g[:, 0], beta[:, 0], state)
 
 
+@pytest.mark.slow
 def test_gated_delta_bf16_inputs_and_inverse_dtype():
   """bf16 q/k/v (f32 accumulation) against the float64 loop, with the default
   float32 inverse and with inverse_dtype='bfloat16'; GVA and packed rows."""
@@ -245,6 +250,7 @@ def _numpy_linear(q, k, v, scale, normalize, segment_ids):
   return out, kv, z
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", [False, True])
 def test_linear_attention_packed_segments(x64, normalize):
   """Packed linear attention (xla and reference) against a float64 loop that zeroes
@@ -314,6 +320,7 @@ def _block_gates(seed, b, t, h, block):
   return (jnp.asarray(rng.integers(0, 2, (b, n, h)), jnp.float64) for _ in range(2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,block", [(23, 4), (16, 8), (3, 4)])
 def test_nats_l_block_ops_match_float64_loops(x64, t, block):
   q, k, v, g, beta, _ = _inputs(6, t=t, dv=8, dtype=jnp.float64)
@@ -328,6 +335,7 @@ def test_nats_l_block_ops_match_float64_loops(x64, t, block):
     np.testing.assert_allclose(attn, expected_attn, rtol=1e-10, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_nats_l_block_ops_reduce_to_plain_ops_when_every_block_is_one_type(x64):
   q, k, v, g, beta, _ = _inputs(8, t=19, dv=8, dtype=jnp.float64)
   ones = jnp.ones((2, 5, 2), jnp.float64)
@@ -343,6 +351,7 @@ def test_nats_l_block_ops_reduce_to_plain_ops_when_every_block_is_one_type(x64):
   )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_nats_l_block_ops_gradients_including_gates(x64):
   q, k, v, g, beta, _ = _inputs(9, b=1, t=10, h=1, dk=4, dv=4, dtype=jnp.float64)
   # Gates strictly inside (0, 1) so finite differences see a smooth function.

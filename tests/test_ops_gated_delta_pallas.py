@@ -141,6 +141,7 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "module_name,dtype,case",
   CASES,

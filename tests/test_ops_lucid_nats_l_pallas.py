@@ -79,6 +79,7 @@ def _nats_inputs(seed, b, t, h, d, block):
   return (q, k, v, jnp.asarray(gates, jnp.float32)), cot
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "impl, block, t", [("pallas_tpu", 8, 36), ("pallas_gpu", 16, 56)], ids=["mosaic", "triton"]
 )
@@ -121,6 +122,7 @@ def test_block_lists_visit_exactly_the_tiles_with_visible_keys():
   assert full["forward"] == full["dkv"] == full["dense_causal"] == b * h * n * (n + 1) // 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"], ids=["mosaic", "triton"])
 def test_lucid_values_kernel_matches_xla_and_oracle(impl):
   rng = np.random.default_rng(2)
@@ -141,6 +143,7 @@ def test_lucid_values_kernel_matches_xla_and_oracle(impl):
   _compare(path(impl), path("xla"), path(None, lucid_reference), (k, v), cot, ("k", "v"))
 
 
+@pytest.mark.slow
 def test_lucid_values_kernel_with_a_decoding_context():
   rng = np.random.default_rng(3)
   b, c, t, h, d = 1, 9, 5, 2, 16
@@ -157,6 +160,7 @@ def test_lucid_values_kernel_with_a_decoding_context():
   _close(got, whole[:, c:], TOL_ORACLE, "V' of new rows after a cache")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("new_tokens", [1, 3])
 def test_block_sparse_softmax_cached_matches_the_whole_sequence(new_tokens):
   """Decoding (1 token) and a prefill chunk (3) from the block-compacted cache."""

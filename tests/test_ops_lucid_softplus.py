@@ -53,6 +53,7 @@ def test_lucid_matches_float64_forward_substitution(x64, block):
     np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_lucid_custom_vjp_matches_autodiff_of_a_dense_solve(x64):
   rng = np.random.default_rng(1)
   k, v = _rand(rng, 2, 13, 2, 6), _rand(rng, 2, 13, 2, 5)
@@ -76,6 +77,7 @@ def test_lucid_custom_vjp_matches_autodiff_of_a_dense_solve(x64):
   check_grads(f, (_rand(rng, 1, 9, 2, 6), k[:1, :9], v[:1, :9]), order=1, modes=["rev"])
 
 
+@pytest.mark.slow
 def test_lucid_values_with_a_cache_continue_the_solve(x64):
   rng = np.random.default_rng(2)
   k, v = _rand(rng, 1, 15, 2, 6), _rand(rng, 1, 15, 2, 4)
@@ -132,6 +134,7 @@ def test_softplus_matches_float64_loop_and_caches(x64, power):
   np.testing.assert_allclose(jnp.concatenate(parts, 1), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("power", [None, 15.0])
 def test_softplus_gradients(x64, power):
   rng = np.random.default_rng(4)
@@ -149,6 +152,7 @@ def test_softplus_gradients(x64, power):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_softplus_rows_sum_to_one_and_vanishing_rows_output_zero():
   rng = np.random.default_rng(5)
   q, k = (jnp.asarray(rng.normal(size=(1, 40, 2, 16)), jnp.float32) for _ in range(2))

@@ -86,6 +86,7 @@ def _softplus(module, power, **options):
 # uninitialised memory.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tpu_softmax_gqa_logit_scale_ragged_t(dtype):
   # T = 300: three 128-blocks, the last one mostly padding; 4 query heads on 2 kv heads.
@@ -93,6 +94,7 @@ def test_tpu_softmax_gqa_logit_scale_ragged_t(dtype):
   _check(*_softmax(softmax_tpu, interpret=True, **TPU_BLOCKS), (q, k, v, ls), cot, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "power,dtype",
   [(None, jnp.float32), (15.0, jnp.float32), (15.0, jnp.bfloat16)],
@@ -102,6 +104,7 @@ def test_tpu_softplus_gqa_ragged_t(power, dtype):
   _check(*_softplus(softplus_tpu, power, interpret=True, **TPU_BLOCKS), (q, k, v), cot, dtype)
 
 
+@pytest.mark.slow
 def test_tpu_softmax_long_rows_with_extreme_logits():
   # Key norms grow along the sequence and logits reach ~400, so the running max
   # jumps by more than 104 between kv blocks: exp(m_old - m_new) underflows to
@@ -119,6 +122,7 @@ def test_tpu_softmax_long_rows_with_extreme_logits():
   _check(kernel, xla, (q, k, v, ls), cot, jnp.float32, grad_tolerance=2e-3, tolerance=5e-5)
 
 
+@pytest.mark.slow
 def test_tpu_lssar_long_rows_and_vanishing_rows():
   # Long rows: Z and the row max accumulate over five kv blocks before the
   # second pass. Zero queries give uniform rows, which LSSAR sends to exactly 0
@@ -133,6 +137,7 @@ def test_tpu_lssar_long_rows_and_vanishing_rows():
   _check(kernel, xla, (q, k, v), cot, jnp.float32)
 
 
+@pytest.mark.slow
 def test_tpu_race_detector_finds_no_races_on_two_cores():
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
 
@@ -144,6 +149,7 @@ def test_tpu_race_detector_finds_no_races_on_two_cores():
   assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
 
 
+@pytest.mark.slow
 def test_public_ops_dispatch_to_the_tpu_kernels():
   # Default block sizes and interpret mode, through the public API (and LUCID's softmax part).
   q, k, v, ls, _ = _inputs(5, 130, 2, 1, 32, jnp.float32)
@@ -194,12 +200,14 @@ def test_defaults_and_dtype_errors():
 # --- GPU kernels, Pallas (HLO) interpret mode on a CPU ---------------------------------------
 
 
+@pytest.mark.slow
 def test_gpu_kernel_interpreted_softmax():
   q, k, v, ls, cot = _inputs(6, 150, 4, 2, 64, jnp.bfloat16)
   kernel, xla = _softmax(softmax_gpu, blocks=GPU_BLOCKS, interpret=True)
   _check(kernel, xla, (q, k, v, ls), cot, jnp.bfloat16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("power", [None, 15.0])
 def test_gpu_kernel_interpreted_softplus(power):
   q, k, v, _, cot = _inputs(7, 100, 2, 1, 48, jnp.float32)  # head_dim padded to 64

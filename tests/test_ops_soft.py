@@ -69,6 +69,7 @@ def test_newton_inverse_is_a_truncated_inverse_when_ill_conditioned(x64):
   assert np.all(np.abs(np.diag(gain)[lam < 1e-4]) < 1e-2)
 
 
+@pytest.mark.slow
 def test_newton_inverse_gradient_is_the_analytic_formula(x64):
   rng = np.random.default_rng(2)
   a = _spd(rng, 2, 6, 3.0) + 0.1 * jnp.asarray(rng.normal(size=(2, 6, 6)))  # not symmetric
@@ -95,6 +96,7 @@ def test_soft_matches_float64_loop(x64, normalize, causal):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", [True, False])
 def test_soft_gradients_match_the_dense_oracle(x64, normalize):
   q, v, landmarks = _inputs(np.random.default_rng(4), t=13)
@@ -129,6 +131,7 @@ def _float64_soft(q, v, landmarks, *, iters=20, ridge=0.01):
   return jnp.einsum("bhts,bshe->bthe", s, v) / jnp.moveaxis(s.sum(-1), 1, 2)[..., None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("std", [1.0, 1.5, 2.0, 3.0])
 def test_soft_normaliser_is_exact_across_query_scales(x64, std):
   """The kernel scales like exp(−‖q − l‖²/(2√d)): with d=64 and N(0, std²)
@@ -154,6 +157,7 @@ def test_soft_normaliser_is_exact_across_query_scales(x64, std):
   np.testing.assert_allclose(jnp.concatenate([head, tail], 1), want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_soft_state_continues_a_split_sequence():
   q, v, landmarks = (jnp.asarray(a, jnp.float32) for a in _inputs(np.random.default_rng(6)))
   full, _ = ops.soft_attention(q, v, landmarks, chunk_size=8)
@@ -168,6 +172,7 @@ def test_soft_state_continues_a_split_sequence():
   np.testing.assert_allclose(jnp.concatenate(tail, 1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_soft_keeps_dtype_and_rejects_bad_shapes():
   q, v, landmarks = (jnp.asarray(a, jnp.bfloat16) for a in _inputs(np.random.default_rng(7)))
   o, _ = ops.soft_attention(q, v, landmarks)

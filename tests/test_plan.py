@@ -61,6 +61,7 @@ def test_large_config_compiles_and_fits(name, topology, model_overrides, record_
   assert report["train_flops_per_step"] > 6 * 0.5 * n_params * report["tokens_per_step"]
 
 
+@pytest.mark.slow
 def test_plan_command_reports_a_step_that_does_not_fit():
   tpu_mesh("v5e:2x2")
   command = [

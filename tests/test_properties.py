@@ -136,6 +136,7 @@ def _unit(x):
 # Softmax family -------------------------------------------------------------
 
 
+@pytest.mark.slow
 @given(
   b=batches, t=lengths, kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
   d=head_dims, dv=head_dims, with_logit_scale=st.booleans(), dtype=dtypes, seed=seeds,
@@ -171,6 +172,7 @@ def test_softmax_attention_cached(b, tq, extra, pad, group, d, dtype, seed):
   _check_against_oracle(fn, arrays, dtype, seed, oracle=oracle)
 
 
+@pytest.mark.slow
 @given(
   b=batches, t=lengths, group=st.sampled_from([1, 2, 3]), d=head_dims,
   power=st.sampled_from([None, 3, 15]), dtype=dtypes, seed=seeds,
@@ -185,6 +187,7 @@ def test_softplus_attention(b, t, group, d, power, dtype, seed):
   _check_against_oracle(fn, arrays, dtype, seed)
 
 
+@pytest.mark.slow
 @given(
   b=batches, tq=st.integers(1, 4), extra=st.integers(0, 6), pad=st.integers(0, 3),
   d=head_dims, power=st.sampled_from([None, 15]), dtype=dtypes, seed=seeds,
@@ -200,6 +203,7 @@ def test_softplus_attention_cached(b, tq, extra, pad, d, power, dtype, seed):
   _check_against_oracle(fn, arrays, dtype, seed)
 
 
+@pytest.mark.slow
 @given(
   b=batches, t=lengths, group=st.sampled_from([1, 2]), d=head_dims, dv=head_dims,
   block=st.sampled_from([1, 2, 3, 4, 8, 64]), dtype=dtypes, seed=seeds,
@@ -216,6 +220,7 @@ def test_lucid_attention(b, t, group, d, dv, block, dtype, seed):
   _check_against_oracle(fn, arrays, dtype, seed, oracle=oracle)
 
 
+@pytest.mark.slow
 @given(
   b=batches, t=lengths, cached=st.integers(0, 6), pad=st.integers(0, 3), d=head_dims,
   block=st.sampled_from([1, 3, 4, 64]), dtype=dtypes, seed=seeds,
@@ -285,6 +290,7 @@ def _delta_inputs(rng, b, t, h, hv, dk, dv):
   return [q, k, v, g, beta]
 
 
+@pytest.mark.slow
 @given(
   b=batches, t=lengths, h=st.integers(1, 2), group=st.sampled_from([1, 2, 3]), dk=head_dims,
   dv=head_dims, with_state=st.booleans(), chunk=st.sampled_from([1, 2, 3, 4, 8, 64]),
@@ -306,6 +312,7 @@ def test_gated_delta_rule(b, t, h, group, dk, dv, with_state, chunk, dtype, seed
   _check_against_oracle(fn, arrays, dtype, seed)
 
 
+@pytest.mark.slow
 @given(
   b=batches, t=lengths, h=st.integers(1, 2), dk=head_dims, dv=head_dims,
   block=st.sampled_from([1, 2, 3, 4, 8]), dtype=dtypes, seed=seeds,
@@ -329,6 +336,7 @@ def test_nats_l_block_ops(b, t, h, dk, dv, block, dtype, seed):
 # SOFT -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @given(
   b=batches, t=lengths, split=st.integers(0, 6), h=st.integers(1, 2),
   d=st.sampled_from([3, 5, 6, 7, 8]), dv=head_dims, m=st.integers(1, 7),
