@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from attnlab.models.attention import gated_deltanet
+from attnlab.models.attention import gated_deltanet, registry
 from attnlab.models.transformer import layer_mixers
 
 # Dense bf16 peak FLOP/s of one JAX device (a chip, or a TensorCore on v2/v3),
@@ -85,7 +85,7 @@ def _delta_chunked(heads: int, v_heads: int, d_k: int, d_v: int, chunk: int) -> 
 
 def mixer_flops_per_token(name: str, model: ConfigDict, *, seq_len: int, batch: int) -> float:
   """Forward matmul FLOPs of one `name` mixer per token, beyond its projections."""
-  options = model.mixer[name]
+  options = registry.options(name, model)
   chunk = min(options.get("chunk_size", 64), seq_len)
   if name in ("softmax", "ssa", "softplus"):
     return _softmax_family(model, seq_len)

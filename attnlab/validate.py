@@ -59,7 +59,10 @@ def check_model(model: ConfigDict) -> None:
       "set model.scan_layers=False for a mixed layer_pattern"
     )
   for name in sorted(set(names)):
-    options = model.mixer[name] if name in model.mixer else {}
+    try:
+      options = registry.options(name, model)  # the defaults merged; unknown names rejected
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
     for key in ("chunk_size", "block_size"):
       if key in options:
         value = options[key]

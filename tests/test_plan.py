@@ -12,9 +12,8 @@ from flax import nnx
 
 from attnlab import plan
 from attnlab.models.transformer import build_model
-from tests.conftest import REPO, tpu_mesh
 
-from .conftest import load_config
+from .conftest import REPO, load_config, tpu_mesh
 
 # (config, slice, overrides): the slices the README names for each config, each built at
 # full width with its layer kinds and kernels but 2 layers and T = 512 (NAtS-L: T = 1024, one
