@@ -8,6 +8,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # several processes (pytest-xdist workers) may load it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent compilation cache for the whole run: set here, in the process that
+# starts the xdist workers, so every worker and every subprocess a test starts
+# (`python -m attnlab.train ...`) inherits it. Many tests train the same tiny model, and
+# a run resumed after a crash compiles what the first run did; each program is compiled
+# once per test run instead (a repeated tiny run: 25 s -> 5-9 s on 2 cores). A cache of
+# the user's own (JAX_COMPILATION_CACHE_DIR already set) is used and kept.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="attnlab-test-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+
 import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -182,6 +196,11 @@ LAYER_CASES = {
   "soft": (dict(attention="soft"), {"soft": dict(chunk_size=8)}),
   "soft_unnormalized": (dict(attention="soft"), {"soft": dict(normalize=False, chunk_size=8)}),
 }
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:  # only the process that made the cache removes it
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

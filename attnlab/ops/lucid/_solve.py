@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attnlab.ops import _linalg
 from attnlab.ops.lucid import _math
 
 _F32 = jnp.float32
@@ -60,25 +61,8 @@ def strict_lower(x: jax.Array) -> jax.Array:
 
 
 def unit_lower_inverse(a: jax.Array) -> jax.Array:
-  """(I + a)⁻¹ for a strictly lower-triangular [n, n], n a power of two.
-
-  Recursive 2×2 blocking done level by level on the whole matrix, so it
-  needs no slicing: with X_s the inverse of the block-diagonal part of
-  I + a in blocks of s and E_s the part of a inside 2s-blocks but outside
-  s-blocks, X_2s = X_s − X_s E_s X_s (exact, as E_s X_s E_s = 0). The same
-  products as `attnlab.ops._linalg.unit_lower_inverse`, 2·log₂ n matmuls.
-  """
-  n = a.shape[0]
-  rows, cols = _iota(n, 0), _iota(n, 1)
-  x = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
-  level = 0
-  while (1 << level) < n:
-    pair = lax.shift_right_logical(rows, level + 1) == lax.shift_right_logical(cols, level + 1)
-    half = lax.shift_right_logical(rows, level) != lax.shift_right_logical(cols, level)
-    e = jnp.where(pair & half, a, 0.0)
-    x = x - dot(x, dot(e, x))
-    level += 1
-  return x
+  """(I + a)⁻¹ for a strictly lower-triangular [n, n], every product at HIGHEST."""
+  return _linalg.unit_lower_inverse(a, dot=dot)
 
 
 Load = Callable[[str, jax.Array], jax.Array]  # (name, block start) -> [block, width]
