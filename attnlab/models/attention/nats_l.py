@@ -42,7 +42,11 @@ Decoding keeps the block-aware cache: compacted per-head KV slots holding only
 attention-typed blocks plus the current one (valid because the softmax path
 is NoPE), the running delta state and its snapshot at the block start, the
 block's summed input (for the type decision when it completes) and its summed
-log decay (to roll a block back when it turns out attention-typed).
+log decay (to roll a block back when it turns out attention-typed). A
+multi-token step (prefill) runs whole blocks through the parallel ops in
+chunks of `prefill_chunk_blocks` and leaves the same cache as the token
+recurrence. `decode_attn_blocks` caps the KV slots below the worst case;
+a row that needs more sets `overflow`, on which `attnlab.generate` raises.
 """
 
 from __future__ import annotations
