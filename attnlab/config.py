@@ -54,6 +54,8 @@ def mixer_options() -> ConfigDict:
         conv_size=4,
         allow_neg_eigval=False,
         block_size=64,
+        prefill_chunk_blocks=0,  # blocks per parallel prefill chunk; 0: 1024 tokens' worth
+        decode_attn_blocks=None,  # attention-typed blocks a decoding cache holds; None: all
         implementation=None,
       ),
       "lucid": dict(eps=1e-5, block_size=64, implementation=None),

@@ -2,6 +2,9 @@
 
 Generation prefills the prompt with one `Transformer.step` call and then
 decodes one token at a time from the mixers' caches, all inside one jit.
+A cache sized below the worst case (NAtS-L's `decode_attn_blocks`) flags the
+rows it could not hold in an `overflow` entry; `generate` raises for them
+rather than return tokens computed from a truncated context.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnlab.models import Transformer
@@ -40,8 +44,18 @@ def _generate(graphdef, params, prompt, rng, *, max_new_tokens, temperature, top
     return (logits[:, -1], cache), token
 
   rngs = jax.random.split(rng, max_new_tokens)
-  _, tokens = jax.lax.scan(decode, (logits[:, -1], cache), rngs)
-  return jnp.concatenate([prompt, tokens.T.astype(prompt.dtype)], axis=1)
+  (_, cache), tokens = jax.lax.scan(decode, (logits[:, -1], cache), rngs)
+  return jnp.concatenate([prompt, tokens.T.astype(prompt.dtype)], axis=1), _overflowed(cache, batch)
+
+
+def _overflowed(cache, batch: int) -> jax.Array:
+  """[batch] bool: rows whose cache ran out of room in any layer (entries named 'overflow')."""
+  rows = jnp.zeros((batch,), bool)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+    if isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key == "overflow":
+      # Scanned layers stack the flag as [layers, batch].
+      rows = rows | leaf.reshape(-1, batch).any(axis=0)
+  return rows
 
 
 def generate(
@@ -56,7 +70,9 @@ def generate(
   """Continues `prompt` [batch, prompt_len] by `max_new_tokens` tokens.
 
   temperature 0 is greedy; otherwise samples (optionally from the top_k).
-  Returns [batch, prompt_len + max_new_tokens] token ids.
+  Returns [batch, prompt_len + max_new_tokens] token ids. Raises ValueError
+  when a row outgrew a cache sized below the worst case
+  (model.mixer.nats_l.decode_attn_blocks), as its tokens would be wrong.
   """
   if prompt.ndim != 2 or prompt.shape[1] < 1:
     raise ValueError(f"prompt must be [batch, length >= 1], got {prompt.shape}")
@@ -64,7 +80,7 @@ def generate(
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   graphdef, params = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(
+  tokens, overflow = _generate(
     graphdef,
     params,
     jnp.asarray(prompt, jnp.int32),
@@ -73,3 +89,11 @@ def generate(
     temperature=float(temperature),
     top_k=top_k,
   )
+  rows = np.flatnonzero(np.asarray(overflow))
+  if rows.size:
+    raise ValueError(
+      f"generation overflowed the decoding cache in batch rows {rows.tolist()}: a NAtS-L head "
+      "routed more blocks to attention than its cache holds; raise "
+      "model.mixer.nats_l.decode_attn_blocks (or set it to None for the worst case)"
+    )
+  return tokens

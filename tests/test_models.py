@@ -79,6 +79,108 @@ def test_nats_l_case_has_mixed_block_types():
   assert 0 < float(attention_typed.mean()) < 1
 
 
+def _nats_l_prefill_model(num_layers=2, **options):
+  """The nats_l case (blocks of 4) with 2-block prefill chunks, so prompts span several."""
+  cfg = _case_config("nats_l")
+  cfg.num_layers = num_layers
+  cfg.mixer.nats_l.update(dict(prefill_chunk_blocks=2, **options))
+  return build_model(cfg, nnx.Rngs(0))
+
+
+def _run_steps(model, tokens, splits, max_len):
+  """Feeds tokens in consecutive steps of the given sizes -> (logits, cache)."""
+  cache = model.init_cache(tokens.shape[0], max_len)
+  parts, begin = [], 0
+  for size in splits:
+    logits, cache = _step(model, tokens[:, begin : begin + size], cache)
+    parts.append(logits)
+    begin += size
+  return jnp.concatenate(parts, axis=1), cache
+
+
+def _assert_same_nats_l_cache(got, want, length, block):
+  """Cache equality up to float rounding (entries are O(1) or smaller); KV rows are
+  compared where they are live
+  (slots past a head's count are scratch the token path leaves behind)."""
+  for layer_got, layer_want in zip(got["layers"], want["layers"], strict=True):
+    for key in layer_want:
+      if key in ("k", "v"):
+        continue
+      for a, b in zip(jax.tree.leaves(layer_got[key]), jax.tree.leaves(layer_want[key])):
+        if a.dtype in (jnp.int32, jnp.bool_):
+          np.testing.assert_array_equal(a, b, err_msg=key)
+        else:
+          np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=key)
+    count = np.asarray(layer_want["num_attn_blocks"])  # [B, Ha]
+    slot = np.arange(layer_want["k"].shape[1])[None, :, None, None]
+    row = np.arange(block)[None, None, :, None]
+    live = (slot < count[:, None, None]) | ((slot == count[:, None, None]) & (row < length % block))
+    for key in ("k", "v"):
+      np.testing.assert_allclose(
+        np.where(live[..., None], layer_got[key], 0.0),
+        np.where(live[..., None], layer_want[key], 0.0),
+        rtol=1e-5, atol=1e-5, err_msg=key,
+      )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "splits",
+  [[16], [23], [3], [3, 20], [6, 10], [2, 1, 13, 4]],
+  ids=["aligned", "unaligned-end", "shorter-than-a-block", "unaligned-start", "aligned-end",
+       "several-prefills"],
+)  # fmt: skip
+def test_nats_l_chunked_prefill_equals_token_steps_and_parallel(splits):
+  """A multi-token step runs head tokens, chunks of whole blocks, tail tokens; the
+  logits and the cache it leaves equal the token-by-token path's, and decoding
+  continues identically."""
+  model = _nats_l_prefill_model()
+  prompt, decoded = sum(splits), 3
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, prompt + decoded)))
+  parallel = forward(model, tokens)
+  max_len = prompt + decoded + 2
+  chunked, cache = _run_steps(model, tokens[:, :prompt], splits, max_len)
+  stepped, want = _run_steps(model, tokens[:, :prompt], [1] * prompt, max_len)
+  scale = float(jnp.abs(parallel).max())
+  np.testing.assert_allclose(chunked, parallel[:, :prompt], rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(chunked, stepped, rtol=1e-5, atol=1e-5 * scale)
+  _assert_same_nats_l_cache(cache, want, prompt, 4)
+  for t in range(prompt, prompt + decoded):
+    logits, cache = _step(model, tokens[:, t : t + 1], cache)
+    np.testing.assert_allclose(logits[:, 0], parallel[:, t], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_nats_l_case_routes_both_ways_over_the_prefill_prompts():
+  """Guards the prefill test: its prompts hold attention- and delta-typed blocks."""
+  model = _nats_l_prefill_model()
+  _, cache = _run_steps(
+    model, jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 23))), [23], 30
+  )
+  counts = np.stack([np.asarray(layer["num_attn_blocks"]) for layer in cache["layers"]])
+  assert 0 < counts.min() and counts.max() < 5  # 5 complete blocks
+
+
+def test_nats_l_decode_cache_sized_by_routing_and_overflow():
+  """decode_attn_blocks caps each head's attention-typed blocks in the cache: enough
+  gives the full cache's tokens from smaller arrays; too few raises."""
+  from attnlab import generate
+
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 13)))
+  new, max_len = 19, 32  # 8 blocks: the worst-case cache has 8 slots per head
+  full = _nats_l_prefill_model(num_layers=1)  # whose heads route few blocks to attention
+  want = generate.generate(full, prompt, max_new_tokens=new)
+  _, cache = _run_steps(full, want, [13] + [1] * new, max_len)
+  most = max(int(np.asarray(layer["num_attn_blocks"]).max()) for layer in cache["layers"])
+  capped = _nats_l_prefill_model(num_layers=1, decode_attn_blocks=most)
+  slots = capped.init_cache(2, max_len)["layers"][0]["k"].shape[1]
+  assert slots == most + 1 < full.init_cache(2, max_len)["layers"][0]["k"].shape[1]
+  np.testing.assert_array_equal(generate.generate(capped, prompt, max_new_tokens=new), want)
+  short = _nats_l_prefill_model(num_layers=1, decode_attn_blocks=most - 1)
+  with pytest.raises(ValueError, match=r"model\.mixer\.nats_l\.decode_attn_blocks"):
+    generate.generate(short, prompt, max_new_tokens=new)
+  with pytest.raises(ValueError, match="decode_attn_blocks=-1"):
+    _nats_l_prefill_model(decode_attn_blocks=-1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["softmax", "nats_l", "soft"])
 def test_scanned_layers_equal_unrolled_layers(variant):

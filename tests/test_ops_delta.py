@@ -411,3 +411,87 @@ def test_unit_lower_inverse_forms_match_float64(n, form):
   # Measured: 0.6-2.3e-7 of the largest entry for either form.
   np.testing.assert_allclose(got, exact, atol=2e-6 * scale)
   np.testing.assert_allclose(grad, exact_grad, atol=2e-6 * np.abs(exact_grad).max())
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_nats_l_block_delta_continues_from_a_state_in_chunks_of_whole_blocks(impl):
+  """Two chunks of whole blocks, the second from the first's final state, equal one call."""
+  q, k, v, g, beta, _ = _inputs(11, t=24, dv=8)
+  write = jnp.asarray(np.random.default_rng(12).integers(0, 2, (2, 6, 2)), jnp.float32)
+  run = lambda sl, w, state: ops.block_gated_delta_rule(
+    q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], w,
+    block_size=4, initial_state=state, return_final_state=True, implementation=impl,
+  )  # fmt: skip
+  whole, final = run(slice(None), write, None)
+  first, mid = run(slice(0, 12), write[:, :3], None)
+  second, end = run(slice(12, 24), write[:, 3:], mid)
+  np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(end, final, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(  # and the plain call (zero state, outputs only) agrees
+    ops.block_gated_delta_rule(q, k, v, g, beta, write, block_size=4, implementation=impl),
+    whole, rtol=1e-6, atol=1e-6,
+  )  # fmt: skip
+  with pytest.raises(ValueError, match="whole blocks"):
+    run(slice(0, 10), write[:, :3], None)
+  with pytest.raises(ValueError, match="initial_state must be"):
+    run(slice(0, 12), write[:, :3], jnp.zeros((2, 2, 8, 6)))
+
+
+def test_nats_l_block_delta_final_states_of_xla_and_reference_agree(x64):
+  q, k, v, g, beta, state = _inputs(13, t=16, dv=6, dtype=jnp.float64)
+  write, _ = _block_gates(14, 2, 16, 2, 4)
+  got = [
+    ops.block_gated_delta_rule(
+      q, k, v, g, beta, write, block_size=4, initial_state=state, return_final_state=True,
+      implementation=impl,
+    )
+    for impl in ("xla", "reference")
+  ]  # fmt: skip
+  for a, b in zip(*got):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11)
+
+
+def _compacted_cache(k, v, gates, done, block, spare):
+  """Each head's attention-typed blocks among the first `done`, in order, in
+  slots 0 .. n−1 of a cache with `spare` more slots of junk."""
+  rng = np.random.default_rng(15)
+  b, _, h, _ = k.shape
+  slots = [rng.normal(size=(b, done + spare, block, h, a.shape[-1])) for a in (k, v)]
+  counts = np.zeros((b, h), np.int32)
+  for bi in range(b):
+    for hi in range(h):
+      kept = [j for j in range(done) if gates[bi, j, hi] > 0]
+      for slot, j in enumerate(kept):
+        for cache, a in zip(slots, (k, v)):
+          cache[bi, slot, :, hi] = np.asarray(a[bi, j * block : (j + 1) * block, hi])
+      counts[bi, hi] = len(kept)
+  return [jnp.asarray(s, k.dtype) for s in slots], jnp.asarray(counts)
+
+
+@pytest.mark.parametrize("t_chunk", [8, 11])
+def test_nats_l_prefill_softmax_matches_the_whole_sequence(t_chunk):
+  """A chunk of whole blocks (8) or ending in a partial block (11) after 3 cached blocks."""
+  rng = np.random.default_rng(16)
+  b, h, d, dv, block, done = 2, 3, 8, 6, 4, 3
+  t = done * block + t_chunk
+  n = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  q, k, v = n(b, t, h, d), n(b, t, h, d), n(b, t, h, dv)
+  gates = rng.integers(0, 2, size=(b, -(-t // block), h)).astype(np.float32)
+  gates[0, :, 0] = 0.0  # a head with no attention-typed block at all
+  full = ops.block_sparse_softmax(q, k, v, jnp.asarray(gates), block_size=block)
+  (k_slots, v_slots), counts = _compacted_cache(k, v, gates, done, block, spare=2)
+  chunk = slice(done * block, t)
+  results = [
+    ops.block_sparse_softmax_prefill(
+      q[:, chunk], k[:, chunk], v[:, chunk], jnp.asarray(gates[:, done:]), k_slots, v_slots,
+      counts, implementation=impl,
+    )
+    for impl in ("xla", "reference")
+  ]  # fmt: skip
+  for got in results:
+    np.testing.assert_allclose(got, full[:, chunk], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="num_blocks must be"):
+    ops.block_sparse_softmax_prefill(
+      q[:, chunk], k[:, chunk], v[:, chunk], jnp.asarray(gates[:, done:]), k_slots, v_slots,
+      counts[:, :2],
+    )  # fmt: skip

@@ -14,6 +14,7 @@ from attnlab.ops.nats_l.api import (
   block_gated_delta_rule,
   block_sparse_softmax,
   block_sparse_softmax_cached,
+  block_sparse_softmax_prefill,
 )
 from attnlab.ops.soft.api import newton_inverse, soft_attention
 from attnlab.ops.softmax.api import softmax_attention, softmax_attention_cached
@@ -23,6 +24,7 @@ __all__ = [
   "block_gated_delta_rule",
   "block_sparse_softmax",
   "block_sparse_softmax_cached",
+  "block_sparse_softmax_prefill",
   "gated_delta_rule",
   "gated_delta_rule_step",
   "linear_attention",

@@ -42,7 +42,11 @@ Decoding keeps the block-aware cache: compacted per-head KV slots holding only
 attention-typed blocks plus the current one (valid because the softmax path
 is NoPE), the running delta state and its snapshot at the block start, the
 block's summed input (for the type decision when it completes) and its summed
-log decay (to roll a block back when it turns out attention-typed).
+log decay (to roll a block back when it turns out attention-typed). A
+multi-token step (prefill) runs whole blocks through the parallel ops in
+chunks of `prefill_chunk_blocks` and leaves the same cache as the token
+recurrence. `decode_attn_blocks` caps the KV slots below the worst case;
+a row that needs more sets `overflow`, on which `attnlab.generate` raises.
 """
 
 from __future__ import annotations
@@ -160,6 +164,12 @@ class NAtSL(base.Mixer):
     self.g_proj = layers.dense(d, value_dim, ("embed", "heads"), dtype=dt, rngs=rngs)
     self.o_proj = layers.dense(value_dim, d, ("heads", "embed"), dtype=dt, rngs=rngs)
     self.block_size = options.block_size
+    for name in ("prefill_chunk_blocks", "decode_attn_blocks"):
+      value = options[name]
+      if value is not None and (not isinstance(value, int) or value < 0):
+        raise ValueError(f"nats_l: {name}={value!r} must be a non-negative integer")
+    self.prefill_chunk_blocks = options.prefill_chunk_blocks
+    self.decode_attn_blocks = options.decode_attn_blocks
     self.implementation = options.implementation
     self.collect_statistics = False  # opt-in: see the module docstring
 
@@ -231,7 +241,17 @@ class NAtSL(base.Mixer):
     return self.output(x, o_delta, o_attn, merge)
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict:
+    """The block-aware decoding cache (see the module docstring) for max_len tokens.
+
+    KV slots: [batch, slots, block_size, attn_heads, head_dim]; slots =
+    ceil(max_len / block_size) (every block attention-typed), or
+    decode_attn_blocks + 1 when that is smaller: the attention-typed blocks
+    routing is expected to keep plus the current block. `overflow` [batch]
+    records a row that needed a slot beyond them.
+    """
     slots = -(-max_len // self.block_size)
+    if self.decode_attn_blocks is not None:
+      slots = min(slots, self.decode_attn_blocks + 1)
     kv = (batch, slots, self.block_size, self.attn_heads)
     state = jnp.zeros((batch, self.heads, self.head_k, self.head_v), jnp.float32)
     return {
@@ -243,20 +263,29 @@ class NAtSL(base.Mixer):
       "k": jnp.zeros((*kv, self.attn_k), dtype),
       "v": jnp.zeros((*kv, self.attn_v), dtype),
       "num_attn_blocks": jnp.zeros((batch, self.attn_heads), jnp.int32),
+      "overflow": jnp.zeros((batch,), bool),
     }
 
-  def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
-    """Token-by-token recurrence over x [B, t, D] with the block-aware cache."""
-    delta, attn, merge, conv = self.views(x, cache["conv"])
+  def _block_is_attention(self, input_sum: jax.Array) -> jax.Array:
+    """Summed input of complete blocks [..., d_model] -> [..., heads] bool (the hard type)."""
+    logits = (input_sum / self.block_size) @ self.scorer.kernel[...]
+    return jnp.argmax(logits.reshape(*logits.shape[:-1], self.heads, 2), axis=-1) == ATTENTION
+
+  def _tokens(self, carry: dict, inputs: tuple, positions: jax.Array, active: jax.Array):
+    """The recurrence over inputs (the views and x, each [B, L, ...]) at positions [L].
+
+    Tokens with active [L] False leave the carry alone (their outputs are
+    junk): the prefill runs its unaligned parts with static lengths.
+    Returns (carry, (o_delta [B,L,H,dv], o_attn [B,L,Ha,dva])).
+    """
     size, group = self.block_size, self.attn_heads // self.heads
-    scorer = self.scorer.kernel[...]
-    slots = cache["k"].shape[1]
+    slots = carry["k"].shape[1]
     slot_ids = jnp.arange(slots)[None, :, None]  # [1, S, 1]
     offsets = jnp.arange(size)
     attn_scale = self.attn_k**-0.5
 
     def one_token(carry, inputs):
-      qd, kd, vd, gd, bd, qa, ka, va, xt, pos = inputs
+      qd, kd, vd, gd, bd, qa, ka, va, xt, pos, on = inputs
       offset = pos % size
       o_delta, state = ops.gated_delta_rule_step(qd, kd, vd, gd, bd, carry["state"])
 
@@ -269,12 +298,13 @@ class NAtSL(base.Mixer):
         qa[:, None].astype(jnp.float32), k_slots, v_slots, carry["num_attn_blocks"], offset + 1,
         scale=attn_scale,
       )[:, 0]  # fmt: skip
+      # A head whose attention-typed blocks fill every slot has none for this token.
+      full = jnp.any(carry["num_attn_blocks"] >= slots, axis=1)
 
       # Close the block: decide its type, keep or roll back its delta write.
       log_decay = carry["block_log_decay"] + gd
       input_sum = carry["block_input_sum"] + xt.astype(jnp.float32)
-      logits_type = (input_sum / size) @ scorer
-      is_attn = jnp.argmax(logits_type.reshape(-1, self.heads, 2), axis=-1) == ATTENTION
+      is_attn = self._block_is_attention(input_sum)
       decayed = jnp.exp(log_decay)[..., None, None] * carry["block_start_state"]
       closed = jnp.where(is_attn[..., None, None], decayed, state)
       end = offset == size - 1
@@ -287,12 +317,120 @@ class NAtSL(base.Mixer):
         "v": v_slots,
         "num_attn_blocks": carry["num_attn_blocks"]
         + (end & jnp.repeat(is_attn, group, axis=1)).astype(jnp.int32),
+        "overflow": carry["overflow"] | full,
       }
+      new = jax.tree.map(lambda n, c: jnp.where(on, n, c), new, carry)
       return new, (o_delta, o_attn)
 
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in inputs) + (positions, active)
+    carry, outputs = jax.lax.scan(one_token, carry, xs)
+    return carry, tuple(jnp.moveaxis(a, 0, 1) for a in outputs)
+
+  def _blocks(self, carry: dict, inputs: tuple, valid: jax.Array):
+    """One prefill chunk of whole blocks through the parallel ops.
+
+    inputs: the views and x, each [B, C·block_size, ...], starting at a block
+    boundary; valid [C] marks the blocks that belong to the prompt (the rest
+    are padding after it and leave the carry alone). Returns (carry,
+    (o_delta, o_attn)) as the token recurrence leaves them.
+    """
+    qd, kd, vd, gd, bd, qa, ka, va, x = inputs
+    b, t, _ = x.shape
+    size, group = self.block_size, self.attn_heads // self.heads
+    chunk = t // size
+    tokens_valid = jnp.repeat(valid, size)[None, :, None]
+    # Padding tokens neither decay nor write the state (g = β = 0).
+    gd, bd = jnp.where(tokens_valid, gd, 0.0), jnp.where(tokens_valid, bd, 0.0)
+    input_sum = x.astype(jnp.float32).reshape(b, chunk, size, -1).sum(axis=2)
+    typed = self._block_is_attention(input_sum)  # [B, C, H]
+    is_attn, is_delta = typed & valid[None, :, None], ~typed & valid[None, :, None]
+    o_delta, state = ops.block_gated_delta_rule(
+      qd, kd, vd, gd, bd, is_delta.astype(jnp.float32),
+      block_size=size,
+      initial_state=carry["state"],
+      return_final_state=True,
+      implementation=self.implementation,
+    )  # fmt: skip
+
+    # The chunk's keys in the cache's dtype, as the token path reads them back.
+    ka, va = ka.astype(carry["k"].dtype), va.astype(carry["v"].dtype)
+    attn_blocks = jnp.repeat(is_attn, group, axis=2)  # [B, C, Ha]
+    o_attn = ops.block_sparse_softmax_prefill(
+      qa.astype(jnp.float32), ka, va, attn_blocks.astype(jnp.float32),
+      carry["k"], carry["v"], carry["num_attn_blocks"],
+      scale=self.attn_k**-0.5,
+    )  # fmt: skip
+
+    # Compact the attention-typed blocks into the next free slots of each head,
+    # in order; every valid block needs its slot while it is the current block.
+    slots = carry["k"].shape[1]
+    count = attn_blocks.astype(jnp.int32)
+    slot = carry["num_attn_blocks"][:, None, :] + jnp.cumsum(count, axis=1) - count  # [B, C, Ha]
+    full = jnp.any(valid[None, :, None] & (slot >= slots), axis=(1, 2))
+    target = jnp.where(attn_blocks, slot, slots)  # out of range: dropped
+    rows = jnp.arange(b)[:, None, None], target, slice(None), jnp.arange(self.attn_heads)
+    as_blocks = lambda a: jnp.swapaxes(a.reshape(b, chunk, size, *a.shape[2:]), 2, 3)
+    return {
+      "state": state,
+      "block_start_state": state,
+      "block_log_decay": carry["block_log_decay"],  # zero at a block boundary
+      "block_input_sum": carry["block_input_sum"],
+      "k": carry["k"].at[rows].set(as_blocks(ka), mode="drop"),
+      "v": carry["v"].at[rows].set(as_blocks(va), mode="drop"),
+      "num_attn_blocks": carry["num_attn_blocks"] + count.sum(axis=1),
+      "overflow": carry["overflow"] | full,
+    }, (o_delta, o_attn)
+
+  def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+    """x [B, t, d_model] after `start` earlier tokens -> ([B, t, d_model], new cache).
+
+    Fewer tokens than a block (decoding) run the token recurrence. A longer x
+    (a prefill) runs it up to the next block boundary, then whole blocks in
+    chunks of prefill_chunk_blocks through the parallel ops, then the
+    remaining tokens one by one. `start` is traced, so each part has a static
+    length (the longest it can be) and masks the tokens it does not own.
+    """
+    delta, attn, merge, conv = self.views(x, cache["conv"])
     carry = {key: value for key, value in cache.items() if key != "conv"}
-    positions = start + jnp.arange(x.shape[1])
-    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (*delta, *attn, x)) + (positions,)
-    carry, (o_delta, o_attn) = jax.lax.scan(one_token, carry, xs)
-    o_delta, o_attn = (jnp.moveaxis(a, 0, 1) for a in (o_delta, o_attn))
-    return self.output(x, o_delta, o_attn, merge), {**carry, "conv": conv}
+    inputs = (*delta, *attn, x)
+    b, t, _ = x.shape
+    size = self.block_size
+    if t < size:
+      positions = start + jnp.arange(t)
+      carry, (o_delta, o_attn) = self._tokens(carry, inputs, positions, jnp.ones(t, bool))
+      return self.output(x, o_delta, o_attn, merge), {**carry, "conv": conv}
+
+    chunk = min(self.prefill_chunk_blocks or max(1, 1024 // size), t // size)
+    num_chunks = -(-(t // size) // chunk)
+    body = num_chunks * chunk * size
+    length = body + 2 * size  # holds every part at any offset, so no slice is clamped
+    padded = tuple(jnp.pad(a, [(0, 0), (0, length - t)] + [(0, 0)] * (a.ndim - 2)) for a in inputs)
+    take = lambda begin, n: tuple(jax.lax.dynamic_slice_in_dim(a, begin, n, 1) for a in padded)
+    span = jnp.arange(size - 1)
+
+    head = (-start) % size  # tokens before the next block boundary
+    whole = (t - head) // size  # whole blocks after them
+    tail = head + whole * size
+    carry, head_out = self._tokens(carry, take(0, size - 1), start + span, span < head)
+
+    def one_chunk(carry, index):
+      begin = head + index * chunk * size
+      valid = index * chunk + jnp.arange(chunk) < whole
+      return self._blocks(carry, take(begin, chunk * size), valid)
+
+    carry, body_out = jax.lax.scan(one_chunk, carry, jnp.arange(num_chunks))
+    body_out = tuple(
+      jnp.moveaxis(a, 0, 1).reshape(b, body, *a.shape[3:]) for a in body_out
+    )  # [chunks, B, chunk·block, ...] -> [B, body, ...]
+    carry, tail_out = self._tokens(
+      carry, take(tail, size - 1), start + tail + span, span < t - tail
+    )
+
+    # Each part's outputs over the previous part's junk, in sequence order.
+    outputs = []
+    for parts in zip(head_out, body_out, tail_out):
+      o = jnp.zeros((b, length, *parts[0].shape[2:]), jnp.result_type(*parts))
+      for begin, part in zip((0, head, tail), parts):
+        o = jax.lax.dynamic_update_slice_in_dim(o, part.astype(o.dtype), begin, 1)
+      outputs.append(o[:, :t])
+    return self.output(x, *outputs, merge), {**carry, "conv": conv}

@@ -10,6 +10,10 @@ type matters only to later blocks, so both operators stay causal:
   state, the decay runs through every block, and each query also runs the
   delta rule over its own block's prefix, starting from the current state.
 
+Decoding reads a block-compacted KV cache (`block_sparse_softmax_cached` for
+tokens of the current block, `block_sparse_softmax_prefill` for a chunk of
+whole blocks) and continues the delta state with `initial_state`.
+
 Types enter as gates in [0, 1] (hard 0/1 in the forward pass), so a
 straight-through estimator upstream gets d(loss)/d(gate): for a softmax gate
 that is the sum of the score gradients over the block's key columns, for a
@@ -32,6 +36,11 @@ _SPARSE_SOFTMAX = _dispatch.Dispatch(
   package="attnlab.ops.nats_l",
   implementations=("xla", "reference", "pallas_tpu", "pallas_gpu"),
   preferred={"tpu": ("pallas_tpu",), "gpu": ("pallas_gpu",)},
+)
+_PREFILL = _dispatch.Dispatch(
+  op="block_sparse_softmax_prefill",
+  package="attnlab.ops.nats_l",
+  implementations=("xla", "reference"),
 )
 _KERNELS = ("pallas_tpu", "pallas_gpu")
 
@@ -58,8 +67,10 @@ def block_gated_delta_rule(
   *,
   block_size: int = 64,
   scale: float | None = None,
+  initial_state: jax.Array | None = None,
+  return_final_state: bool = False,
   implementation: str | None = None,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Gated delta rule whose state is written only by delta-typed blocks.
 
   Args:
@@ -71,10 +82,17 @@ def block_gated_delta_rule(
       writes.
     block_size: tokens per block.
     scale: default head_dim**-0.5.
+    initial_state: [batch, heads, head_dim, head_dim_v], the state before the
+      first token, which starts a block (None: zeros). Lets a prefill run
+      whole blocks from a decoding cache.
+    return_final_state: also return the state after the last block; time must
+      then be a multiple of block_size (an incomplete block has no type yet).
     implementation: None, 'xla' (chunked) or 'reference' (recurrence).
 
   Returns:
-    o [batch, time, heads, head_dim_v] in q.dtype.
+    o [batch, time, heads, head_dim_v] in q.dtype; with return_final_state
+    (o, state [batch, heads, head_dim, head_dim_v] in the compute dtype, at
+    least float32).
   """
   if q.ndim != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
     raise ValueError(
@@ -83,14 +101,23 @@ def block_gated_delta_rule(
   if g.shape != q.shape[:3] or beta.shape != q.shape[:3]:
     raise ValueError(f"g and beta must be [batch, time, heads] = {q.shape[:3]}")
   _check_gate("block_write", block_write, q, q.shape[2], block_size)
+  b, t, h, dk = q.shape
+  state_shape = (b, h, dk, v.shape[3])
+  if initial_state is not None and initial_state.shape != state_shape:
+    raise ValueError(f"initial_state must be {state_shape}, got {initial_state.shape}")
+  if return_final_state and t % block_size:
+    raise ValueError(
+      f"return_final_state needs whole blocks: time {t} is not a multiple of {block_size}"
+    )
   impl = "reference" if _DELTA.choose(implementation) == "reference" else "xla"
   dtype = _dtypes.compute_dtype(q, k, v)
-  o = _DELTA.module(impl).block_gated_delta_rule(
-    *(jnp.asarray(a, dtype) for a in (q, k, v, g, beta, block_write)),
+  state = jnp.zeros(state_shape, dtype) if initial_state is None else initial_state
+  o, final = _DELTA.module(impl).block_gated_delta_rule(
+    *(jnp.asarray(a, dtype) for a in (q, k, v, g, beta, block_write, state)),
     block_size=block_size,
-    scale=_dtypes.default_scale(q.shape[-1], scale),
+    scale=_dtypes.default_scale(dk, scale),
   )
-  return o.astype(q.dtype)
+  return (o.astype(q.dtype), final) if return_final_state else o.astype(q.dtype)
 
 
 def block_sparse_softmax(
@@ -198,6 +225,63 @@ def block_sparse_softmax_cached(
     *(a.astype(dtype) for a in (q, k_slots, v_slots)),
     num_blocks,
     block_length,
+    scale=_dtypes.default_scale(d, scale),
+  )
+  return o.astype(q.dtype)
+
+
+def block_sparse_softmax_prefill(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  block_visible: jax.Array,
+  k_slots: jax.Array,
+  v_slots: jax.Array,
+  num_blocks: jax.Array,
+  *,
+  scale: float | None = None,
+  implementation: str | None = None,
+) -> jax.Array:
+  """NAtS-L's softmax for a prefill chunk that starts at a block boundary.
+
+  Each query sees (a) every cached attention-typed block of its head (slots
+  0 .. num_blocks−1 of the block-compacted cache, see
+  `block_sparse_softmax_cached`; all earlier than the chunk, so fully
+  visible), (b) the chunk's earlier blocks weighted by `block_visible`, and
+  (c) its own block's causal prefix: the rows `block_sparse_softmax` gives
+  these tokens over the whole sequence.
+
+  Args:
+    q, k: [batch, time, heads, head_dim]; v: [batch, time, heads, head_dim_v],
+      the chunk's tokens (time need not be a multiple of the block size).
+    block_visible: [batch, ceil(time / block_size), heads] weights of the
+      chunk's blocks for its later queries (1 = attention-typed).
+    k_slots: [batch, slots, block_size, heads, head_dim]; v_slots likewise
+      with head_dim_v. Slots from num_blocks on are ignored.
+    num_blocks: [batch, heads] int, attention-typed blocks cached per head.
+    scale: default head_dim**-0.5.
+    implementation: None or 'xla' (dense [time, slots·block + time] logits),
+      'reference' (per query).
+
+  Returns:
+    o [batch, time, heads, head_dim_v] in q.dtype.
+  """
+  if q.ndim != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+    raise ValueError(
+      f"expected q, k [B,T,H,D] and v [B,T,H,Dv]; got q{q.shape} k{k.shape} v{v.shape}"
+    )
+  b, _, h, d = q.shape
+  if k_slots.ndim != 5 or k_slots.shape[0] != b or k_slots.shape[3:] != (h, d):
+    raise ValueError(f"k_slots must be [batch, slots, block, {h}, {d}], got {k_slots.shape}")
+  if v_slots.shape != (*k_slots.shape[:4], v.shape[3]):
+    raise ValueError(f"v_slots{v_slots.shape} must match k_slots{k_slots.shape} but for head_dim")
+  if num_blocks.shape != (b, h):
+    raise ValueError(f"num_blocks must be [batch, heads] = {(b, h)}, got {num_blocks.shape}")
+  _check_gate("block_visible", block_visible, q, h, k_slots.shape[2])
+  dtype = _dtypes.compute_dtype(q, k, v, k_slots, v_slots)
+  o = _PREFILL.module(implementation or "xla").block_sparse_softmax_prefill(
+    *(jnp.asarray(a, dtype) for a in (q, k, v, block_visible, k_slots, v_slots)),
+    num_blocks,
     scale=_dtypes.default_scale(d, scale),
   )
   return o.astype(q.dtype)

@@ -3,7 +3,7 @@
 The delta-rule oracle keeps the state at the start of the current block and
 a running state; at a block's end the state becomes
 e^{Σg} S_start + m (S_running − e^{Σg} S_start), i.e. the block's write is
-kept with gate m and the decay always applies. The softmax oracle handles one
+kept with gate m and the decay always applies. The softmax oracles handle one
 query at a time.
 """
 
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from attnlab.ops import _delta_chunks
 
 
-def block_gated_delta_rule(q, k, v, g, beta, block_write, *, block_size, scale):
-  b, t, h, dk = q.shape
+def block_gated_delta_rule(q, k, v, g, beta, block_write, initial_state, *, block_size, scale):
+  t = q.shape[1]
   steps = jnp.arange(t)
   gate = block_write[:, steps // block_size]  # [B, T, H]
   ends = (steps % block_size) == block_size - 1
@@ -33,10 +33,10 @@ def block_gated_delta_rule(q, k, v, g, beta, block_write, *, block_size, scale):
     log_decay = jnp.where(end, 0.0, log_decay)
     return (start_state, state, log_decay), o
 
-  zeros = jnp.zeros((b, h, dk, v.shape[-1]), q.dtype)
   xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, gate)) + (ends,)
-  _, out = jax.lax.scan(step, (zeros, zeros, jnp.zeros((b, h), q.dtype)), xs)
-  return jnp.moveaxis(out, 0, 1)
+  log_decay = jnp.zeros(q.shape[:1] + q.shape[2:3], q.dtype)
+  (_, state, _), out = jax.lax.scan(step, (initial_state, initial_state, log_decay), xs)
+  return jnp.moveaxis(out, 0, 1), state
 
 
 def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale):
@@ -54,6 +54,33 @@ def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale):
     p = weight * jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=1, keepdims=True)))
     p = p / p.sum(axis=1, keepdims=True)
     return None, jnp.einsum("bsh,bshd->bhd", p, v)
+
+  _, out = jax.lax.scan(one_query, None, jnp.arange(t))
+  return jnp.moveaxis(out, 0, 1)
+
+
+def block_sparse_softmax_prefill(q, k, v, block_visible, k_slots, v_slots, num_blocks, *, scale):
+  """One query at a time: the cached slots below num_blocks, then the chunk's keys."""
+  b, t, h, _ = q.shape
+  size = k_slots.shape[2]
+  block = jnp.arange(t) // size
+  cached = k_slots.reshape(b, -1, h, k_slots.shape[-1])
+  cached_v = v_slots.reshape(b, -1, h, v_slots.shape[-1])
+  cache_seen = (jnp.arange(cached.shape[1]) // size)[None, :, None] < num_blocks[:, None, :]
+  key_gate = block_visible[:, block]  # [B, T(key), H]
+
+  def one_query(_, i):
+    own = (block == block[i]) & (jnp.arange(t) <= i)
+    weight = jnp.where(
+      own[None, :, None], 1.0, jnp.where((block < block[i])[None, :, None], key_gate, 0.0)
+    )
+    weight = jnp.concatenate([cache_seen.astype(weight.dtype), weight], axis=1)
+    keys = jnp.concatenate([cached, k], axis=1)
+    logits = jnp.einsum("bhd,bshd->bsh", q[:, i], keys) * scale
+    logits = jnp.where(weight > 0, logits, -jnp.inf)
+    p = weight * jnp.exp(logits - logits.max(axis=1, keepdims=True))
+    p = p / p.sum(axis=1, keepdims=True)
+    return None, jnp.einsum("bsh,bshd->bhd", p, jnp.concatenate([cached_v, v], axis=1))
 
   _, out = jax.lax.scan(one_query, None, jnp.arange(t))
   return jnp.moveaxis(out, 0, 1)
