@@ -18,21 +18,28 @@ from attnlab.ops import _causal_chunks
 from attnlab.ops import _softplus_semantics as semantics
 
 
-def _weights(logits: jax.Array, visible: jax.Array, i: jax.Array, power) -> jax.Array:
-  """Attention weights from logits log D · log i · q̂·k̂ [..., Tq, Tk]; i [Tq, 1] 1-based."""
+def _weights(logits: jax.Array, visible: jax.Array, i: jax.Array, power):
+  """Attention weights from logits log D · log i · q̂·k̂ [..., Tq, Tk]; i [Tq, 1] 1-based.
+
+  Returns (unnormalised weights [..., Tq, Tk], row normaliser [..., Tq, 1]): the
+  callers apply the normaliser to the [Tq, Dv] output, not to the [Tq, Tk]
+  weights (one elementwise pass over the scores fewer).
+  """
   a = jnp.where(visible, jax.nn.softplus(logits), 0.0)
   inverse_sum = semantics.safe_reciprocal(a.sum(-1, keepdims=True))
   if power is None:
-    return a * inverse_sum
+    return a, inverse_sum
   # The offset carries the rounding slack and is > 0, so hidden keys (a = 0)
   # stay 0 through the ReLU.
   offset = semantics.lssar_offset(i, logits.dtype)
-  x = jax.nn.relu(a * (inverse_sum * i) - offset)
+  sharpen = lambda y: jax.nn.relu(y * (inverse_sum * i) - offset)  # noqa: E731
   # The op is scale-invariant per row: dividing by the row max before the power
-  # keeps x^p representable (0.3^15 ≈ 1e-8 would drown in any eps).
-  x = x * semantics.safe_reciprocal(jax.lax.stop_gradient(x.max(-1, keepdims=True)))
-  b = x**power
-  return b * semantics.safe_reciprocal(b.sum(-1, keepdims=True))
+  # keeps x^p representable (0.3^15 ≈ 1e-8 would drown in any eps). `sharpen` is
+  # monotone, so the row max of x is sharpen(max a), bit for bit, and max a
+  # shares its pass over the scores with a's sum.
+  row_max = jax.lax.stop_gradient(sharpen(a.max(-1, keepdims=True)))
+  b = (sharpen(a) * semantics.safe_reciprocal(row_max)) ** power
+  return b, semantics.safe_reciprocal(b.sum(-1, keepdims=True))
 
 
 def row_weights(scores: jax.Array, visible: jax.Array, rows: jax.Array, power, head_dim: int):
@@ -43,7 +50,8 @@ def row_weights(scores: jax.Array, visible: jax.Array, rows: jax.Array, power, h
     rows: [Tq] 1-based absolute query positions i (= visible keys in a causal row).
   """
   i = rows.astype(scores.dtype)[:, None]
-  return _weights(math.log(head_dim) * jnp.log(i) * scores, visible, i, power)
+  weights, normaliser = _weights(math.log(head_dim) * jnp.log(i) * scores, visible, i, power)
+  return weights * normaliser
 
 
 def _normalize(x):
@@ -52,8 +60,8 @@ def _normalize(x):
 
 def _attend(qs, k_hat, v, visible, i, power):
   """qs [B,H,Tq,D] (q̂ · log D · log i), k̂ [B,H,S,D], v [B,H,S,Dv] -> [B,H,Tq,Dv]."""
-  w = _weights(jnp.einsum("bhtd,bhsd->bhts", qs, k_hat), visible, i, power)
-  return jnp.einsum("bhts,bhse->bhte", w, v)
+  w, normaliser = _weights(jnp.einsum("bhtd,bhsd->bhts", qs, k_hat), visible, i, power)
+  return jnp.einsum("bhts,bhse->bhte", w, v) * normaliser
 
 
 def softplus_attention(q, k, v, *, power, query_positions, key_length):
