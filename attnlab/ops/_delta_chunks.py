@@ -64,11 +64,6 @@ def pad_time(x: jax.Array, pad: int, mode: str = "constant") -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)
 
 
-def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
-  """HIGHEST for float32/float64 operands (full-precision passes on TPU), else DEFAULT."""
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else jax.lax.Precision.DEFAULT
-
-
 def _einsum(spec: str, a: jax.Array, b: jax.Array, operand: jnp.dtype, acc: jnp.dtype):
   """einsum with operands cast to `operand` and accumulation in `acc`.
 
@@ -81,7 +76,7 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array, operand: jnp.dtype, acc: jnp.
     spec,
     a.astype(operand),
     b.astype(operand),
-    precision=matmul_precision(operand),
+    precision=_linalg.matmul_precision(operand),
     preferred_element_type=acc,
   )
 
@@ -252,7 +247,7 @@ def recurrent_step(
   b, hv, dk, dv = state.shape
   h = q.shape[1]
   s = state.reshape(b, h, hv // h, dk, dv) * jnp.exp(g).reshape(b, h, -1, 1, 1)
-  prec = matmul_precision(state.dtype)
+  prec = _linalg.matmul_precision(state.dtype)
   q, k = (a.astype(state.dtype) for a in (q, k))
   kv = jnp.einsum("bhgkv,bhk->bhgv", s, k, precision=prec)
   u = beta.reshape(b, h, -1, 1) * (v.reshape(b, h, -1, dv).astype(state.dtype) - kv)

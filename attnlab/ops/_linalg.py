@@ -11,10 +11,13 @@ from jax import lax
 from attnlab.ops import _dispatch
 
 
+def matmul_precision(dtype: jnp.dtype) -> lax.Precision:
+  """HIGHEST for float32/float64 operands (full-precision passes on TPU), else DEFAULT."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else lax.Precision.DEFAULT
+
+
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  # float32/64 at HIGHEST: TPUs otherwise round the operands to one bf16 pass.
-  precision = lax.Precision.HIGHEST if jnp.dtype(a.dtype).itemsize >= 4 else None
-  return jnp.matmul(a, b, precision=precision)
+  return jnp.matmul(a, b, precision=matmul_precision(a.dtype))
 
 
 def unit_lower_inverse(

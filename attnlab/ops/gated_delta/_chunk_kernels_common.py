@@ -281,7 +281,7 @@ def document_counts(segment_ids: jax.Array, t_padded: int, chunk: int) -> jax.Ar
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array, operand) -> jax.Array:
-  precision = lax.Precision.HIGHEST if jnp.dtype(operand).itemsize >= 4 else None
+  precision = _linalg.matmul_precision(operand)
   return jnp.einsum(
     spec, a.astype(operand), b.astype(operand), precision=precision, preferred_element_type=F32
   )

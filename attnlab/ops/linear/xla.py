@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _delta_chunks, _dtypes
+from attnlab.ops import _delta_chunks, _dtypes, _linalg
 
 
 def _split_chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -59,7 +59,7 @@ def linear_attention(
 ):
   dtype = _dtypes.compute_dtype(q, k, v)
   out_dtype = q.dtype
-  einsum = functools.partial(jnp.einsum, precision=_delta_chunks.matmul_precision(dtype))
+  einsum = functools.partial(jnp.einsum, precision=_linalg.matmul_precision(dtype))
   b, t, h, d = q.shape
   dv = v.shape[-1]
   scale = _dtypes.default_scale(d, scale)
