@@ -19,8 +19,11 @@ every chunk-start state and multiplying afterwards). Every exponent is ≤ 0,
 so nothing overflows.
 
 Grouped value heads (GVA): q and k have H heads, v, g, β and the state
-HV = H·G. Q Kᵀ and K Kᵀ are formed once per q/k head and broadcast over the
-G value heads of the group; q and k are never repeated.
+HV = H·G. Q Kᵀ and K Kᵀ are formed once per q/k head (as one [2C, K] x [K, C]
+dot) and broadcast over the G value heads of the group. Only diag(e^γ) Q,
+whose product with the state is per value head anyway, exists per value head:
+it rides with W as one [2C, K] operand, so each scan step does one dot with S
+where it would do two.
 
 Packed sequences: `segment_ids` [B, T] marks documents (a new document
 starts wherever the id changes). Pairs of tokens in different documents are
@@ -161,23 +164,22 @@ def chunked_gated_delta(
   if fresh is not None:
     e_gamma = jnp.where(fresh, e_gamma, 0.0)  # tokens after a boundary never see S
 
-  # K Kᵀ once per q/k head, broadcast over the value-head group.
-  kk = _einsum("bhnik,bhnjk->bhnij", k, k, operand, acc)[:, :, None]
+  # Q Kᵀ and K Kᵀ once per q/k head, broadcast over the value-head group, as
+  # one [2C, K] x [K, C] dot per chunk.
+  qs = q * jnp.asarray(scale, q.dtype)
+  qk_kk = _einsum("bhnik,bhnjk->bhnij", jnp.concatenate([qs, k], axis=-2), k, operand, acc)
+  qk, kk = qk_kk[:, :, None, :, :chunk], qk_kk[:, :, None, :, chunk:]
+  scores = qk * decay  # [B,H,G,N,C,C]
   a = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0).astype(inv_dtype)
   with jax.default_matmul_precision("highest" if inv_dtype.itemsize >= 4 else "default"):
     inv = _linalg.unit_lower_inverse(a)  # [B,H,G,N,C,C]
-  # (I + A)⁻¹ diag(β) V and (I + A)⁻¹ diag(β e^γ) K, scaling the inverse's
-  # columns instead of repeating k per value head.
-  u = _einsum(
-    "bhgnij,bhgnjv->bhgniv", inv * beta[..., None, :].astype(inv_dtype), v, inv_dtype, acc
-  )
-  # With one value head per q/k head (G = 1), q and k carry a size-1 group axis
+  # With one value head per q/k head (G = 1), k carries a size-1 group axis
   # that is a batch dimension of every dot, so XLA inserts no transposes; with
-  # G > 1 the group is a free dimension of the per-value-head operand.
+  # G > 1 the group is a free dimension of the shared operand.
   k_shared = k[:, :, None] if grp == 1 else k
 
   def shared(spec: str, operand_index: int) -> str:
-    """Drops the group label from the shared (q or k) operand when G > 1."""
+    """Drops the group label from the shared (k) operand when G > 1."""
     if grp == 1:
       return spec
     inputs, out = spec.split("->")
@@ -185,6 +187,11 @@ def chunked_gated_delta(
     parts[operand_index] = parts[operand_index].replace("g", "")
     return ",".join(parts) + "->" + out
 
+  # (I + A)⁻¹ diag(β) V and (I + A)⁻¹ diag(β e^γ) K, scaling the inverse's
+  # columns instead of repeating k per value head.
+  u = _einsum(
+    "bhgnij,bhgnjv->bhgniv", inv * beta[..., None, :].astype(inv_dtype), v, inv_dtype, acc
+  )
   w = _einsum(
     shared("bhgnij,bhgnjk->bhgnik", 1),
     inv * (beta * e_gamma)[..., None, :].astype(inv_dtype),
@@ -192,7 +199,6 @@ def chunked_gated_delta(
     inv_dtype,
     acc,
   )
-
   decay_end = jnp.exp(gamma[..., -1])  # [B,H,G,N]
   write = jnp.exp(gamma[..., -1:] - gamma)  # [B,H,G,N,C]
   if segment_ids is not None:
@@ -202,26 +208,23 @@ def chunked_gated_delta(
     gate = jnp.moveaxis(write_gate.reshape(b, -1, h, grp), 1, 3)  # [B,H,G,N]
     write = write * gate[..., None].astype(write.dtype)
 
-  # O = diag(e^γ) (scale·Q) S + (scale·Q Kᵀ ⊙ Γ) V', Q Kᵀ once per q/k head. The
-  # outputs are formed inside the scan, while each chunk's S and V' are at hand.
-  qs = q * jnp.asarray(scale, q.dtype)
-  qk = _einsum("bhnik,bhnjk->bhnij", qs, k, operand, acc)[:, :, None]
-  scores = qk * decay  # [B,H,G,N,C,C]
-  q_shared = qs[:, :, None] if grp == 1 else qs
+  # W and diag(e^γ)·scale·Q both multiply the chunk-start state: one [2C, K]
+  # operand per chunk makes that one dot per scan step instead of two.
+  q_state = jnp.broadcast_to(qs[:, :, None], w.shape) * e_gamma[..., None]
+  wq = jnp.concatenate([w, q_state.astype(w.dtype)], axis=-2)  # [B,H,G,N,2C,K]
 
   def advance(state, inputs):
-    q_n, k_n, w_n, u_n, write_n, decay_n, e_gamma_n, scores_n = inputs
-    v_new = u_n - _einsum("bhgck,bhgkv->bhgcv", w_n, state, operand, acc)
-    o_n = e_gamma_n[..., None] * _einsum(
-      shared("bhgck,bhgkv->bhgcv", 0), q_n, state, operand, acc
-    ) + _einsum("bhgij,bhgjv->bhgiv", scores_n, v_new, operand, acc)
+    k_n, wq_n, u_n, write_n, decay_n, scores_n = inputs
+    ws_qs = _einsum("bhgck,bhgkv->bhgcv", wq_n, state, operand, acc)
+    v_new = u_n - ws_qs[..., :chunk, :]
+    o_n = ws_qs[..., chunk:, :] + _einsum("bhgij,bhgjv->bhgiv", scores_n, v_new, operand, acc)
     update = _einsum(shared("bhgck,bhgcv->bhgkv", 0), k_n, v_new * write_n[..., None], operand, acc)
     return decay_n[..., None, None] * state + update, o_n
 
   state0 = initial_state.reshape(b, h, grp, dk, dv)
   xs = (
-    *(jnp.moveaxis(x, -3, 0) for x in (q_shared, k_shared)),
-    *(jnp.moveaxis(x, 3, 0) for x in (w, u, write, decay_end, e_gamma, scores)),
+    jnp.moveaxis(k_shared, -3, 0),
+    *(jnp.moveaxis(x, 3, 0) for x in (wq, u, write, decay_end, scores)),
   )
   final, o = jax.lax.scan(advance, state0, xs)  # o [N,B,H,G,C,V]
   o = jnp.moveaxis(o, (0, 2, 3), (1, 3, 4)).reshape(b, tp, hv, dv)[:, :t]
