@@ -16,7 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from attnlab import ops
-from attnlab.ops.gated_delta import _chunk_kernels_common as common
+from attnlab.ops.chunk_state import _common as common
 from attnlab.ops.gated_delta import pallas_gpu, pallas_tpu
 from attnlab.ops.gated_delta import reference as gdn_reference
 from tests.conftest import compile_for_tpu, lower_for_cuda

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from attnlab.ops import _dispatch
 
 _DISPATCH = _dispatch.Dispatch(
-  op="linear_attention", package="attnlab.ops.linear", implementations=("xla", "reference")
+  op="linear_attention",
+  package="attnlab.ops.linear",
+  implementations=("xla", "reference", "pallas_tpu", "pallas_gpu"),
+  preferred={"tpu": ("pallas_tpu",), "gpu": ("pallas_gpu",)},
 )
 
 # With normalize=True the state is a pair (kv [B,H,D,Dv], k_sum [B,H,D]).
@@ -45,7 +50,12 @@ def linear_attention(
       documents: a document starts wherever the id changes and no state passes
       between documents; initial_state applies to each row's first document,
       the final state is its last document's.
-    implementation: None (best for backend), 'xla' or 'reference'.
+    implementation: None (best for the platform compiled for: 'pallas_tpu' on
+      TPU, 'pallas_gpu' on GPU, 'xla' elsewhere and for float64), 'xla'
+      (chunked, a prefix sum over chunk states), 'reference' (the
+      recurrence), 'pallas_tpu' or 'pallas_gpu' (the gated delta rule's
+      state-pass kernels with no correction and no decay; the state stays on
+      chip, so no per-chunk state is written).
 
   Returns:
     (o [batch, time, heads, head_dim_v] in q.dtype, final state or None).
@@ -65,14 +75,17 @@ def linear_attention(
     )
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  return _DISPATCH.module(implementation, q, k, v).linear_attention(
-    q,
-    k,
-    v,
+  impl = _DISPATCH.choose(implementation, q, k, v)
+  backend = _DISPATCH.module(impl)
+  run = lambda q, k, v, initial_state, segment_ids: backend.linear_attention(
+    q, k, v,
     normalize=normalize,
     scale=scale,
     initial_state=initial_state,
     output_final_state=output_final_state,
     chunk_size=chunk_size,
     segment_ids=segment_ids,
-  )
+  )  # fmt: skip
+  if impl.startswith("pallas"):  # XLA cannot partition a kernel: one call per batch shard
+    run = functools.partial(_dispatch.per_shard, run)
+  return run(q, k, v, initial_state, segment_ids)

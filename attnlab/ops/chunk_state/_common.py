@@ -1,4 +1,9 @@
-"""Math shared by the gated delta rule's Pallas backends (jax and numpy only).
+"""Chunked state-passing kernels: the gated delta rule and linear attention.
+
+Math shared by the Pallas backends (jax and numpy only). Linear attention is
+the same sequential pass with no correction term (W = 0, U = V) and no decay
+(γ = 0); `w=None` drops W's matmuls from both kernels rather than multiplying
+by zeros, so it costs 3 matmuls per chunk, not 4.
 
 Design: the work splits the way fla's Triton kernels split it.
 
@@ -167,7 +172,8 @@ def chunk_forward(
   """One chunk of the forward pass on one value block.
 
   Args:
-    q, k, w: [C, K] tiles; u: [C, BV]; gamma_row, count_row: [1, C] f32;
+    q, k, w: [C, K] tiles (w None: no correction, V' = U); u: [C, BV];
+      gamma_row, count_row: [1, C] f32;
     state: [K, BV] f32, the state at the chunk start.
     output: also form the chunk's output (the backward's state pass does not).
 
@@ -177,7 +183,7 @@ def chunk_forward(
   dt = cfg.dtype
   m = _masks(ops, gamma_row, count_row, cfg.chunk)
   s = state.astype(dt)
-  v_new = u.astype(F32) - ops.nn(w, s)  # V' = U − W S
+  v_new = u.astype(F32) if w is None else u.astype(F32) - ops.nn(w, s)  # V' = U − W S
   vd = v_new.astype(dt)
   o = None
   if output:
@@ -210,7 +216,7 @@ def chunk_backward(
       state after the chunk.
 
   Returns:
-    dict of f32 values: dq, dk, dw [C, K]; du [C, BV]; dstate [K, BV] (of the
+    dict of f32 values: dq, dk, dw [C, K] (None without w); du [C, BV]; dstate [K, BV] (of the
     chunk-start state); dgamma [1, C] (this value block's share).
   """
   dt = cfg.dtype
@@ -219,7 +225,7 @@ def chunk_backward(
   s, dod, dsd = state.astype(dt), do.astype(dt), dstate.astype(dt)
   qs = q.astype(F32) * cfg.scale
   qsd = qs.astype(dt)
-  v_new = u.astype(F32) - ops.nn(w, s)
+  v_new = u.astype(F32) if w is None else u.astype(F32) - ops.nn(w, s)
   vd = v_new.astype(dt)
   k_write = k.astype(F32) * m.write_col
 
@@ -235,9 +241,12 @@ def chunk_backward(
   dqs = dq_state + ops.nn((dp * m.decay).astype(dt), k)
   dk_write = ops.nt(vd, dsd)  # ∂L/∂(K ⊙ e^{γ_C − γ})
   dk = ops.nn((dp_t * m.decay_t).astype(dt), qsd) + dk_write * m.write_col
-  dw = -ops.nt(dvd, s)
   qe = (qs * m.e_col).astype(dt)
-  dstate_prev = m.e_last * dstate + ops.tn(qe, dod) - ops.tn(w, dvd)
+  dstate_prev = m.e_last * dstate + ops.tn(qe, dod)
+  dw = None
+  if w is not None:
+    dw = -ops.nt(dvd, s)
+    dstate_prev = dstate_prev - ops.tn(w, dvd)
 
   # dγ: e^{γ_i} on q_i, Γ_ij = e^{γ_i − γ_j}, e^{γ_C − γ_i} on k_i, e^{γ_C} on S.
   mixed = dp * p
@@ -348,7 +357,8 @@ class Backend:
   forward(cfg, q, k, gamma, count, w, u, s0, states: bool)
       -> (o [B,HV,Tp,V] or None, final [B,HV,K,V] f32, states [B,HV,N,K,V] or None)
   backward(cfg, q, k, gamma, count, w, u, states, do, dfinal)
-      -> (dq, dk, dw [NV,B,HV,Tp,K], dgamma [NV,B,HV,Tp], du [B,HV,Tp,V], ds0 [B,HV,K,V])
+      -> (dq, dk, dw [NV,B,HV,Tp,K] (None without w), dgamma [NV,B,HV,Tp],
+          du [B,HV,Tp,V], ds0 [B,HV,K,V])
   """
 
   forward: Callable
@@ -357,7 +367,7 @@ class Backend:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def core(backend: Backend, cfg: ChunkConfig, q, k, gamma, count, w, u, s0):
-  """The sequential pass: (o [B,HV,Tp,V], final state [B,HV,K,V] f32)."""
+  """The sequential pass: (o [B,HV,Tp,V], final state [B,HV,K,V] f32); w may be None."""
   o, final, _ = backend.forward(cfg, q, k, gamma, count, w, u, s0, False)
   return o, final
 
@@ -375,7 +385,7 @@ def _core_bwd(backend, cfg, saved, cotangents):
     cfg, q, k, gamma, count, w, u, states, do.astype(q.dtype), dfinal.astype(F32)
   )
   b, h, tp, dkk = q.shape
-  hv = w.shape[1]
+  hv = u.shape[1]
   # Sum the value blocks, then the value heads of each q/k group.
   per_qk = lambda x: jnp.sum(x, axis=0).reshape(b, h, hv // h, tp, dkk).sum(axis=2)
   dcount = None if count is None else jnp.zeros_like(count)
@@ -384,7 +394,7 @@ def _core_bwd(backend, cfg, saved, cotangents):
     per_qk(dk).astype(k.dtype),
     jnp.sum(dgamma, axis=0),
     dcount,
-    jnp.sum(dw, axis=0).astype(w.dtype),
+    None if w is None else jnp.sum(dw, axis=0).astype(w.dtype),
     du.astype(u.dtype),
     ds0.astype(s0.dtype),
   )
@@ -393,8 +403,52 @@ def _core_bwd(backend, cfg, saved, cotangents):
 core.defvjp(_core_fwd, _core_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How one backend lays out a call (static): its kernels and tile rules.
+
+  chunk: the chunk length its tiles allow; width(n): the padded head dim
+  they need; block_v: value columns per program (divides width(V));
+  options: its static kernel options; name: for error messages.
+  """
+
+  backend: Backend
+  chunk: int
+  width: Callable[[int], int]
+  block_v: Callable[[int], int]  # padded V width -> block_v
+  options: Any
+  name: str
+
+
+def _padded(launch: Launch, q, k, v, initial_state, segment_ids):
+  """Head-major, zero-padded tiles: (qh, kh, vh [B,H(V),Tp,width], s0 f32, count, cfg pieces).
+
+  Zero padding of T (k = v = β = g = 0) leaves the state alone; zero columns
+  of K and V change no dot product.
+  """
+  b, t, h, dk = q.shape
+  hv, dv = v.shape[2], v.shape[3]
+  dtype = _dispatch.kernel_dtype(launch.name, q, k, v)
+  tp = round_up(t, launch.chunk)
+  kw, vw = launch.width(dk), launch.width(dv)
+  block_v = launch.block_v(vw)
+  if block_v > vw or vw % block_v:
+    raise ValueError(f"{launch.name}: block_v {block_v} must divide the padded head_dim_v {vw}")
+  s0 = jnp.zeros((b, hv, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
+  s0 = _pad(_pad(s0, 2, kw), 3, vw)
+  heads = lambda x, n: _pad(_pad(jnp.swapaxes(x.astype(dtype), 1, 2), 2, tp), 3, n)
+  count = None if segment_ids is None else document_counts(segment_ids, tp, launch.chunk)
+  return heads(q, kw), heads(k, kw), heads(v, vw), s0, count, dtype, tp, block_v
+
+
+def _config(launch: Launch, scale: float, block_v: int, dtype, count) -> ChunkConfig:
+  return ChunkConfig(
+    launch.chunk, float(scale), block_v, jnp.dtype(dtype), count is not None, launch.options
+  )
+
+
 def gated_delta_rule(
-  backend: Backend,
+  launch: Launch,
   q: jax.Array,
   k: jax.Array,
   v: jax.Array,
@@ -403,46 +457,68 @@ def gated_delta_rule(
   *,
   scale: float,
   initial_state: jax.Array | None,
-  chunk: int,
   segment_ids: jax.Array | None,
   inverse_dtype,
-  block_v: int,
-  width: Callable[[int], int],
-  backend_options: Any,
-  op_name: str,
 ) -> tuple[jax.Array, jax.Array]:
-  """The whole op for one backend: pad, prepare (XLA), the kernel pass, unpad.
+  """The gated delta rule on one backend: pad, prepare (XLA), the kernel pass, unpad.
 
   Args: as the backends' `gated_delta_rule`, with q, k [B,T,H,K], v
-  [B,T,HV,V], g, beta [B,T,HV]; chunk: the chunk length the backend's tiles
-  allow; width(n): the padded head dim its tiles need; block_v: value columns
-  per program (divides width(V)); backend_options: its static kernel options.
+  [B,T,HV,V], g, beta [B,T,HV].
 
   Returns:
     (o [B,T,HV,V] in the inputs' dtype, final state [B,HV,K,V] f32).
   """
-  b, t, h, dk = q.shape
-  hv, dv = v.shape[2], v.shape[3]
-  dtype = _dispatch.kernel_dtype(op_name, q, k, v)
-  tp = round_up(t, chunk)
-  kw, vw = width(dk), width(dv)
-  if block_v > vw or vw % block_v:
-    raise ValueError(f"{op_name}: block_v {block_v} must divide the padded head_dim_v {vw}")
-  s0 = jnp.zeros((b, hv, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
-  s0 = _pad(_pad(s0, 2, kw), 3, vw)
-  # Head-major tiles; zero padding of T (k = v = β = g = 0) leaves the state alone,
-  # zero columns of K and V change no dot product.
-  heads = lambda x, n: _pad(_pad(jnp.swapaxes(x.astype(dtype), 1, 2), 2, tp), 3, n)
+  t, dk, dv = q.shape[1], q.shape[3], v.shape[3]
+  qh, kh, vh, s0, count, dtype, tp, block_v = _padded(launch, q, k, v, initial_state, segment_ids)
   rows = lambda x: _pad(jnp.swapaxes(x.astype(F32), 1, 2), 2, tp)
-  qh, kh, vh = heads(q, kw), heads(k, kw), heads(v, vw)
-  count = None if segment_ids is None else document_counts(segment_ids, tp, chunk)
   inverse_dtype = F32 if inverse_dtype is None else inverse_dtype
   gamma, w, u = prepare(
-    kh, vh, rows(g), rows(beta), count, chunk=chunk, inverse_dtype=inverse_dtype
+    kh, vh, rows(g), rows(beta), count, chunk=launch.chunk, inverse_dtype=inverse_dtype
   )
-  cfg = ChunkConfig(
-    chunk, float(scale), block_v, jnp.dtype(dtype), count is not None, backend_options
-  )
-  o, final = core(backend, cfg, qh, kh, gamma, count, w, u, s0)
-  o = jnp.swapaxes(o[:, :, :t, :dv], 1, 2)
-  return o, final[:, :, :dk, :dv]
+  cfg = _config(launch, scale, block_v, dtype, count)
+  o, final = core(launch.backend, cfg, qh, kh, gamma, count, w, u, s0)
+  return jnp.swapaxes(o[:, :, :t, :dv], 1, 2), final[:, :, :dk, :dv]
+
+
+def linear_attention(
+  launch: Launch,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  normalize: bool,
+  scale: float,
+  initial_state,
+  output_final_state: bool,
+  segment_ids: jax.Array | None,
+):
+  """Causal linear attention on one backend: the state pass with W = 0, U = V, γ = 0.
+
+  With `normalize`, v gets a column of ones, so the same pass carries the
+  key sum z next to the state and returns the normaliser Σ_{s≤t} q_t·k_s next
+  to the numerator (the ratio does not depend on the scale, so it runs at 1).
+
+  Args: as `attnlab.ops.linear_attention` (q, k, v [B,T,H,D(v)]).
+
+  Returns:
+    (o [B,T,H,Dv] in the inputs' dtype, final state (f32, a pair with
+    normalize) or None).
+  """
+  b, t, h, dk = q.shape
+  dv = v.shape[3]
+  if normalize:
+    kv0, z0 = (None, None) if initial_state is None else initial_state
+    v = jnp.concatenate([v, jnp.ones((b, t, h, 1), v.dtype)], axis=-1)
+    if kv0 is not None:
+      initial_state = jnp.concatenate([kv0.astype(F32), z0.astype(F32)[..., None]], axis=-1)
+    scale = 1.0
+  qh, kh, vh, s0, count, dtype, tp, block_v = _padded(launch, q, k, v, initial_state, segment_ids)
+  gamma = jnp.zeros((b, h, tp), F32)
+  cfg = _config(launch, scale, block_v, dtype, count)
+  o, final = core(launch.backend, cfg, qh, kh, gamma, count, None, vh, s0)
+  o = jnp.swapaxes(o[:, :, :t, : v.shape[3]], 1, 2).astype(F32)
+  final = final[:, :, :dk, : v.shape[3]]
+  if normalize:
+    o = o[..., :dv] / o[..., dv:]
+    final = (final[..., :dv], final[..., dv])
+  return o.astype(q.dtype), final if output_final_state else None
