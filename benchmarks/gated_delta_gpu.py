@@ -12,7 +12,9 @@ Rows, in priority order (a time budget skips what does not fit, as SKIP rows):
    ours (block_v, num_warps), our xla path;
 3. the crossover: forward + backward of ours against causal softmax
    attention (`softmax_attention(implementation='pallas_gpu' | 'cudnn')`) at
-   T = 2K, 4K, 8K, 16K, same B, H, D.
+   T = 2K, 4K, 8K, 16K, same B, H, D, and linear attention on the same
+   state-pass kernels (`linear_attention(implementation='pallas_gpu')`) and
+   on its xla path.
 
 fla is imported lazily (`fla_core` / `flash_linear_attention` wheels); if it
 does not import, its rows say SKIP with the reason. Every row is flushed as a
@@ -82,6 +84,10 @@ def _gdn(implementation: str, **options):
 
 def _softmax(implementation: str):
   return lambda q, k, v: ops.softmax_attention(q, k, v, implementation=implementation)
+
+
+def _linear(implementation: str):
+  return lambda q, k, v: ops.linear_attention(q, k, v, implementation=implementation)[0]
 
 
 def _fwd_bwd(f):
@@ -264,18 +270,19 @@ def main() -> None:
     jargs, do = _jax_args(x), jnp.asarray(x["do"], jnp.bfloat16)
     mine = ours if t == args.t_main else _timing.time_fn(ours_fb, (jargs, do), **timing)
     report.add(row="crossover", T=t, impl="gdn pallas_gpu", ratio_vs_ours=1.0, **mine)
-    for impl in ("pallas_gpu", "cudnn"):
+    others = [(f"softmax {i}", _softmax(i)) for i in ("pallas_gpu", "cudnn")]
+    others += [(f"linear {i}", _linear(i)) for i in ("pallas_gpu", "xla")]
+    for name, f in others:
       if left() < 15:
-        report.add(row="crossover", T=t, impl=f"softmax {impl}", note="SKIP: time budget")
+        report.add(row="crossover", T=t, impl=name, note="SKIP: time budget")
         continue
       try:
-        r = _timing.time_fn(_fwd_bwd(_softmax(impl)), (jargs[:3], do), **timing)
+        r = _timing.time_fn(_fwd_bwd(f), (jargs[:3], do), **timing)
         report.add(
-          row="crossover", T=t, impl=f"softmax {impl}",
-          ratio_vs_ours=r["median_s"] / mine["median_s"], **r,
-        )  # fmt: skip
+          row="crossover", T=t, impl=name, ratio_vs_ours=r["median_s"] / mine["median_s"], **r
+        )
       except Exception as error:  # noqa: BLE001 - one failing backend must not end the run
-        report.add(row="crossover", T=t, impl=f"softmax {impl}", note=f"FAILED: {error!r}"[:300])
+        report.add(row="crossover", T=t, impl=name, note=f"FAILED: {error!r}"[:300])
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def _cases():
   # Newer ops first (GDN, LUCID, NAtS-L), then the flash family.
   yield "GDN GVA D=128", "gated_delta", "pallas_gpu", None, (2, 1000, 4, 8, 128), False
   yield "GDN D=64", "gated_delta", "pallas_gpu", None, (2, 1000, 8, 8, 64), False
+  yield "linear D=128", "linear", "pallas_gpu", None, (2, 1000, 8, 8, 128), False
   yield "LUCID GQA D=128", "lucid", "pallas_gpu", None, (2, 1000, 8, 2, 128), False
   yield "NAtS-L sparse softmax D=128", "nats_l", "pallas_gpu", None, (2, 1000, 8, 8, 128), False
   yield "softmax MHA D=128", "softmax", "pallas_gpu", None, (2, 1000, 8, 8, 128), False
@@ -57,6 +58,8 @@ def _fn(kind, impl, power):
     return lambda q, k, v, ls: ops.softmax_attention(q, k, v, logit_scale=ls, implementation=impl)
   if kind == "gated_delta":
     return lambda q, k, v, gb: ops.gated_delta_rule(q, k, v, *gb, implementation=impl)[0]
+  if kind == "linear":
+    return lambda q, k, v, _: ops.linear_attention(q, k, v, implementation=impl)[0]
   if kind == "lucid":
     return lambda q, k, v, _: ops.lucid_attention(q, k, v, implementation=impl)
   if kind == "nats_l":
@@ -90,7 +93,7 @@ def check(name, kind, impl, power, shape, with_ls, seed) -> dict:
   keys = jax.random.split(jax.random.key(seed), 5)
   q = jax.random.normal(keys[0], (batch, t, heads, d))
   k = jax.random.normal(keys[1], (batch, t, heads if kind == "gated_delta" else kv_heads, d))
-  if kind == "gated_delta":  # the delta rule takes L2-normalised q and k
+  if kind in ("gated_delta", "linear"):  # unit q and k keep linear attention's sums tame
     q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
   q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
   v = jax.random.normal(keys[2], (batch, t, kv_heads, d)).astype(jnp.bfloat16)
