@@ -122,6 +122,56 @@ def test_block_lists_visit_exactly_the_tiles_with_visible_keys():
   assert full["forward"] == full["dkv"] == full["dense_causal"] == b * h * n * (n + 1) // 2
 
 
+@pytest.mark.parametrize(
+  "impl, block, t", [("pallas_tpu", 8, 36), ("pallas_gpu", 16, 64)], ids=["mosaic", "triton"]
+)
+def test_block_gated_delta_kernel_matches_xla_and_oracle(impl, block, t):
+  """The delta-rule path on the state-pass kernel, chunk = block, with the
+  per-block write gate's gradient; mosaic: ragged T, triton: whole blocks
+  with an initial state in and the final state out."""
+  rng = np.random.default_rng(3)
+  b, h, d = 1, 2, 16
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  q, k = (f32(unit(rng.normal(size=(b, t, h, d)))) for _ in range(2))
+  v = f32(rng.normal(size=(b, t, h, d)))
+  g = f32(-np.log1p(np.exp(-rng.normal(size=(b, t, h)) + 1.0)))
+  beta = f32(1 / (1 + np.exp(-rng.normal(size=(b, t, h)))))
+  gates = f32(rng.choice([0.0, 1.0, 0.6], size=(b, -(-t // block), h)))
+  s0 = f32(0.5 * rng.normal(size=(b, h, d, d)))
+  whole = t % block == 0
+  cot_o = f32(rng.normal(size=(b, t, h, d)))
+  cot = (cot_o, f32(rng.normal(size=(b, h, d, d)))) if whole else cot_o
+
+  def path(name, module=None):
+    def run(q, k, v, g, beta, gates, s0):
+      if module is not None:  # the oracle: explicit recurrence
+        o, final = module.block_gated_delta_rule(
+          q, k, v, g, beta, gates, s0, block_size=block, scale=d**-0.5
+        )
+        return (o, final) if whole else o
+      return ops.block_gated_delta_rule(
+        q, k, v, g, beta, gates, block_size=block, initial_state=s0,
+        return_final_state=whole, implementation=name,
+      )  # fmt: skip
+
+    return run
+
+  args = (q, k, v, g, beta, gates, s0)
+  names = ("q", "k", "v", "g", "beta", "gate", "initial_state")
+  got = jax.jit(lambda *a: _value_and_vjp(path(impl), a, cot))(*args)
+  want = jax.jit(lambda *a: _value_and_vjp(path("xla"), a, cot))(*args)
+  with _float64():
+    wide = [jnp.asarray(np.asarray(a), jnp.float64) for a in args]
+    cot64 = jax.tree.map(lambda c: jnp.asarray(np.asarray(c), jnp.float64), cot)
+    exact = _value_and_vjp(path(None, nats_reference), wide, cot64)
+  for label, ref, tol, grad_tol in (("xla", want, 2e-5, 1e-4), ("oracle", exact, 2e-5, 1e-4)):
+    for i, (gv, rv) in enumerate(zip(jax.tree.leaves(got[0]), jax.tree.leaves(ref[0]))):
+      _close(gv, rv, tol, f"{('output', 'final state')[i]} vs {label}")
+    for name, gv, rv in zip(names, got[1], ref[1], strict=True):
+      _close(gv, rv, grad_tol, f"d{name} vs {label}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"], ids=["mosaic", "triton"])
 def test_lucid_values_kernel_matches_xla_and_oracle(impl):
@@ -209,9 +259,16 @@ def _kernels(cuda: bool):
   def lucid(k, v):
     return ops.lucid_values(k, v, block_size=128, implementation=impl, **options)
 
+  def nats_delta(q, k, v, g, beta, gate):
+    return ops.block_gated_delta_rule(
+      q, k, v, g, beta, gate, block_size=block, implementation=impl, **options
+    )
+
+  n = (b, -(-t // block), h)
   return [
-    ("nats_l", nats, _bf16(x, x, x, (b, -(-t // block), h)), 3),
+    ("nats_l", nats, _bf16(x, x, x, n), 3),
     ("lucid", lucid, _bf16(x, x), 2),
+    ("nats_l_delta", nats_delta, _bf16(x, x, x, x[:3], x[:3], n), 3),
   ]
 
 
@@ -219,7 +276,7 @@ def _fwd_bwd(fn, n):
   return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2), argnums=tuple(range(n)))
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["nats_l", "lucid"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["nats_l", "lucid", "nats_l_delta"])
 def test_kernels_compile_for_tpu_v5e(which):
   name, fn, args, kernels = _kernels(cuda=False)[which]
   compiled, _ = compile_for_tpu(_fwd_bwd(fn, len(args)), args, "v5e:2x2")

@@ -107,7 +107,8 @@ class _Masks:
   decay: jax.Array  # [C, C] Γ_ij, zero above the diagonal and across documents
   decay_t: jax.Array  # [C, C] Γᵀ
   e_col: jax.Array  # [C, 1] e^{γ_i} (0 where token i must not read the chunk-start state)
-  write_col: jax.Array  # [C, 1] e^{γ_C − γ_i} (0 outside the chunk's last document)
+  write_col: jax.Array  # [C, 1] e^{γ_C − γ_i} · gate_i (0 outside the chunk's last document)
+  write_raw: jax.Array  # [C, 1] the same without the write gate
   e_last: jax.Array  # [1, 1] e^{γ_C} (0 when the chunk holds a document start)
   eye: jax.Array  # [C, C] bool
   is_last: jax.Array  # [1, C] bool, lane C − 1
@@ -132,7 +133,13 @@ def _sum_all(x: jax.Array) -> jax.Array:
   return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def _masks(ops: TileOps, gamma_row: jax.Array, count_row: jax.Array | None, c: int) -> _Masks:
+def _masks(
+  ops: TileOps,
+  gamma_row: jax.Array,
+  count_row: jax.Array | None,
+  gate_row: jax.Array | None,
+  c: int,
+) -> _Masks:
   rows, cols = ops.iota((c, c), 0), ops.iota((c, c), 1)
   eye = rows == cols
   lower, upper = rows >= cols, rows <= cols
@@ -150,10 +157,15 @@ def _masks(ops: TileOps, gamma_row: jax.Array, count_row: jax.Array | None, c: i
     e_col = jnp.where(count_col == 0, e_col, 0.0)
     write_col = jnp.where(count_col == count_last, write_col, 0.0)
     e_last = jnp.where(count_last == 0, e_last, 0.0)
+  write_raw = write_col
+  if gate_row is not None:
+    write_col = write_col * _col(gate_row, eye)
   diff = gamma_col - gamma_row  # ≤ 0 on and below the diagonal
   decay = jnp.where(lower, jnp.exp(jnp.where(lower, diff, 0.0)), 0.0)
   decay_t = jnp.where(upper, jnp.exp(jnp.where(upper, -diff, 0.0)), 0.0)
-  return _Masks(gamma_col, gamma_row, decay, decay_t, e_col, write_col, e_last, eye, is_last)
+  return _Masks(
+    gamma_col, gamma_row, decay, decay_t, e_col, write_col, write_raw, e_last, eye, is_last
+  )
 
 
 def chunk_forward(
@@ -168,6 +180,7 @@ def chunk_forward(
   state: jax.Array,
   *,
   output: bool = True,
+  gate_row: jax.Array | None = None,
 ) -> tuple[jax.Array | None, jax.Array]:
   """One chunk of the forward pass on one value block.
 
@@ -176,12 +189,14 @@ def chunk_forward(
       gamma_row, count_row: [1, C] f32;
     state: [K, BV] f32, the state at the chunk start.
     output: also form the chunk's output (the backward's state pass does not).
+    gate_row: [1, C] f32 or None; scales token i's write into the state
+      (NAtS-L's per-block write gate: constant over a chunk = block).
 
   Returns:
     (o [C, BV] f32 or None, the state after the chunk [K, BV] f32).
   """
   dt = cfg.dtype
-  m = _masks(ops, gamma_row, count_row, cfg.chunk)
+  m = _masks(ops, gamma_row, count_row, gate_row, cfg.chunk)
   s = state.astype(dt)
   v_new = u.astype(F32) if w is None else u.astype(F32) - ops.nn(w, s)  # V' = U − W S
   vd = v_new.astype(dt)
@@ -206,21 +221,23 @@ def chunk_backward(
   state: jax.Array,
   do: jax.Array,
   dstate: jax.Array,
+  gate_row: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """One chunk of the reverse pass on one value block.
 
   Args:
-    q, k, w, u, gamma_row, count_row: as in `chunk_forward`.
+    q, k, w, u, gamma_row, count_row, gate_row: as in `chunk_forward`.
     state: [K, BV], the chunk-start state (from the recomputing pass).
     do: [C, BV] output cotangent; dstate: [K, BV] f32, the cotangent of the
       state after the chunk.
 
   Returns:
     dict of f32 values: dq, dk, dw [C, K] (None without w); du [C, BV]; dstate [K, BV] (of the
-    chunk-start state); dgamma [1, C] (this value block's share).
+    chunk-start state); dgamma, dgate [1, C] (this value block's share; dgate
+    None without a gate).
   """
   dt = cfg.dtype
-  m = _masks(ops, gamma_row, count_row, cfg.chunk)
+  m = _masks(ops, gamma_row, count_row, gate_row, cfg.chunk)
   s32 = state.astype(F32)
   s, dod, dsd = state.astype(dt), do.astype(dt), dstate.astype(dt)
   qs = q.astype(F32) * cfg.scale
@@ -257,7 +274,12 @@ def chunk_backward(
   dgamma = (
     _row(col, m.eye) - jnp.sum(mixed, axis=0, keepdims=True) + jnp.where(m.is_last, last, 0.0)
   )
-  return dict(dq=dqs * cfg.scale, dk=dk, dw=dw, du=dv_new, dstate=dstate_prev, dgamma=dgamma)
+  dgate = None
+  if gate_row is not None:
+    dgate = _row(jnp.sum(dk_write * k.astype(F32) * m.write_raw, axis=1, keepdims=True), m.eye)
+  return dict(
+    dq=dqs * cfg.scale, dk=dk, dw=dw, du=dv_new, dstate=dstate_prev, dgamma=dgamma, dgate=dgate
+  )
 
 
 # --- the XLA side: preparation, padding and the custom VJP -------------------------------
@@ -354,11 +376,13 @@ def prepare(
 class Backend:
   """A backend's two kernel calls (hashable, static under jit).
 
-  forward(cfg, q, k, gamma, count, w, u, s0, states: bool)
+  forward(cfg, q, k, gamma, count, gate, w, u, s0, states: bool)
       -> (o [B,HV,Tp,V] or None, final [B,HV,K,V] f32, states [B,HV,N,K,V] or None)
-  backward(cfg, q, k, gamma, count, w, u, states, do, dfinal)
-      -> (dq, dk, dw [NV,B,HV,Tp,K] (None without w), dgamma [NV,B,HV,Tp],
-          du [B,HV,Tp,V], ds0 [B,HV,K,V])
+  backward(cfg, q, k, gamma, count, gate, w, u, states, do, dfinal)
+      -> (dq, dk, dw [NV,B,HV,Tp,K] (None without w), dgamma, dgate [NV,B,HV,Tp]
+          (dgate None without a gate), du [B,HV,Tp,V], ds0 [B,HV,K,V])
+
+  gate [B,HV,Tp] f32 or None: per-token write gate (see `chunk_forward`).
   """
 
   forward: Callable
@@ -366,23 +390,23 @@ class Backend:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def core(backend: Backend, cfg: ChunkConfig, q, k, gamma, count, w, u, s0):
-  """The sequential pass: (o [B,HV,Tp,V], final state [B,HV,K,V] f32); w may be None."""
-  o, final, _ = backend.forward(cfg, q, k, gamma, count, w, u, s0, False)
+def core(backend: Backend, cfg: ChunkConfig, q, k, gamma, count, gate, w, u, s0):
+  """The sequential pass: (o [B,HV,Tp,V], final state [B,HV,K,V] f32); gate, w may be None."""
+  o, final, _ = backend.forward(cfg, q, k, gamma, count, gate, w, u, s0, False)
   return o, final
 
 
-def _core_fwd(backend, cfg, q, k, gamma, count, w, u, s0):
-  o, final, _ = backend.forward(cfg, q, k, gamma, count, w, u, s0, False)
-  return (o, final), (q, k, gamma, count, w, u, s0)
+def _core_fwd(backend, cfg, q, k, gamma, count, gate, w, u, s0):
+  o, final, _ = backend.forward(cfg, q, k, gamma, count, gate, w, u, s0, False)
+  return (o, final), (q, k, gamma, count, gate, w, u, s0)
 
 
 def _core_bwd(backend, cfg, saved, cotangents):
-  q, k, gamma, count, w, u, s0 = saved
+  q, k, gamma, count, gate, w, u, s0 = saved
   do, dfinal = cotangents
-  _, _, states = backend.forward(cfg, q, k, gamma, count, w, u, s0, True)
-  dq, dk, dw, dgamma, du, ds0 = backend.backward(
-    cfg, q, k, gamma, count, w, u, states, do.astype(q.dtype), dfinal.astype(F32)
+  _, _, states = backend.forward(cfg, q, k, gamma, count, gate, w, u, s0, True)
+  dq, dk, dw, dgamma, dgate, du, ds0 = backend.backward(
+    cfg, q, k, gamma, count, gate, w, u, states, do.astype(q.dtype), dfinal.astype(F32)
   )
   b, h, tp, dkk = q.shape
   hv = u.shape[1]
@@ -394,6 +418,7 @@ def _core_bwd(backend, cfg, saved, cotangents):
     per_qk(dk).astype(k.dtype),
     jnp.sum(dgamma, axis=0),
     dcount,
+    None if gate is None else jnp.sum(dgate, axis=0),
     None if w is None else jnp.sum(dw, axis=0).astype(w.dtype),
     du.astype(u.dtype),
     ds0.astype(s0.dtype),
@@ -459,11 +484,14 @@ def gated_delta_rule(
   initial_state: jax.Array | None,
   segment_ids: jax.Array | None,
   inverse_dtype,
+  write_gate: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The gated delta rule on one backend: pad, prepare (XLA), the kernel pass, unpad.
 
   Args: as the backends' `gated_delta_rule`, with q, k [B,T,H,K], v
-  [B,T,HV,V], g, beta [B,T,HV].
+  [B,T,HV,V], g, beta [B,T,HV]; write_gate [B,T,HV] or None scales each
+  token's write into the state (constant over each chunk for NAtS-L's
+  blocks: the chunk's own outputs still see its writes ungated).
 
   Returns:
     (o [B,T,HV,V] in the inputs' dtype, final state [B,HV,K,V] f32).
@@ -476,7 +504,8 @@ def gated_delta_rule(
     kh, vh, rows(g), rows(beta), count, chunk=launch.chunk, inverse_dtype=inverse_dtype
   )
   cfg = _config(launch, scale, block_v, dtype, count)
-  o, final = core(launch.backend, cfg, qh, kh, gamma, count, w, u, s0)
+  gate = None if write_gate is None else rows(write_gate)
+  o, final = core(launch.backend, cfg, qh, kh, gamma, count, gate, w, u, s0)
   return jnp.swapaxes(o[:, :, :t, :dv], 1, 2), final[:, :, :dk, :dv]
 
 
@@ -515,7 +544,7 @@ def linear_attention(
   qh, kh, vh, s0, count, dtype, tp, block_v = _padded(launch, q, k, v, initial_state, segment_ids)
   gamma = jnp.zeros((b, h, tp), F32)
   cfg = _config(launch, scale, block_v, dtype, count)
-  o, final = core(launch.backend, cfg, qh, kh, gamma, count, None, vh, s0)
+  o, final = core(launch.backend, cfg, qh, kh, gamma, count, None, None, vh, s0)
   o = jnp.swapaxes(o[:, :, :t, : v.shape[3]], 1, 2).astype(F32)
   final = final[:, :, :dk, : v.shape[3]]
   if normalize:

@@ -77,9 +77,10 @@ def _fwd_kernel(*refs, cfg: common.ChunkConfig, names: tuple[str, ...], num_chun
       r["states"][n] = state.astype(r["states"].dtype)
     count = _row(r["count"], start, c) if "count" in r else None
     w = r["w"][rows, :] if "w" in r else None  # None: linear attention
+    gate = _row(r["gate"], start, c) if "gate" in r else None  # NAtS-L's write gate
     o, state = common.chunk_forward(
       _OPS, cfg, r["q"][rows, :], r["k"][rows, :], w, r["u"][rows, :],
-      _row(r["gamma"], start, c), count, state, output="o" in r,
+      _row(r["gamma"], start, c), count, state, output="o" in r, gate_row=gate,
     )  # fmt: skip
     if "o" in r:
       r["o"][rows, :] = o.astype(r["o"].dtype)
@@ -98,14 +99,18 @@ def _bwd_kernel(*refs, cfg: common.ChunkConfig, names: tuple[str, ...], num_chun
     rows = pl.ds(start, c)
     count = _row(r["count"], start, c) if "count" in r else None
     w = r["w"][rows, :] if "w" in r else None
+    gate = _row(r["gate"], start, c) if "gate" in r else None
     grads = common.chunk_backward(
       _OPS, cfg, r["q"][rows, :], r["k"][rows, :], w, r["u"][rows, :],
       _row(r["gamma"], start, c), count, r["states"][n], r["do"][rows, :], dstate,
+      gate_row=gate,
     )  # fmt: skip
     for name in ("dq", "dk", "dw", "du"):
       if name in r:
         r[name][rows, :] = grads[name].astype(r[name].dtype)
     r["dgamma"][rows] = jnp.sum(grads["dgamma"], axis=0)
+    if "dgate" in r:
+      r["dgate"][rows] = jnp.sum(grads["dgate"], axis=0)
     return grads["dstate"]
 
   r["ds0"][...] = lax.fori_loop(0, num_chunks, body, r["dfinal"][...])
@@ -147,13 +152,14 @@ def _call(kernel, cfg, grid, inputs, outputs, name):
   return dict(zip([n for n, _, _ in outputs], results))
 
 
-def _forward(cfg, q, k, gamma, count, w, u, s0, states: bool):
+def _forward(cfg, q, k, gamma, count, gate, w, u, s0, states: bool):
   b, hv, tp, kw = *u.shape[:3], q.shape[3]
   vw, bv = u.shape[-1], cfg.block_v
   spec = _specs(cfg, q, w, u)
   inputs = [
     ("q", q, spec["qk"]), ("k", k, spec["qk"]), ("w", w, spec["w"]), ("u", u, spec["v"]),
-    ("gamma", gamma, spec["gamma"]), ("count", count, spec["count"]), ("s0", s0, spec["state"]),
+    ("gamma", gamma, spec["gamma"]), ("count", count, spec["count"]), ("gate", gate, spec["gamma"]),
+    ("s0", s0, spec["state"]),
   ]  # fmt: skip
   outputs = [("final", jax.ShapeDtypeStruct((b, hv, kw, vw), _F32), spec["state"])]
   if states:
@@ -168,14 +174,14 @@ def _forward(cfg, q, k, gamma, count, w, u, s0, states: bool):
   return out.get("o"), out["final"], out.get("states")
 
 
-def _backward(cfg, q, k, gamma, count, w, u, states, do, dfinal):
+def _backward(cfg, q, k, gamma, count, gate, w, u, states, do, dfinal):
   b, hv, tp, kw = *u.shape[:3], q.shape[3]
   vw, bv = u.shape[-1], cfg.block_v
   nv = vw // bv
   spec = _specs(cfg, q, w, u)
   inputs = [
     ("q", q, spec["qk"]), ("k", k, spec["qk"]), ("w", w, spec["w"]), ("u", u, spec["v"]),
-    ("gamma", gamma, spec["gamma"]), ("count", count, spec["count"]),
+    ("gamma", gamma, spec["gamma"]), ("count", count, spec["count"]), ("gate", gate, spec["gamma"]),
     ("states", states, spec["states"]), ("do", do, spec["v"]), ("dfinal", dfinal, spec["state"]),
   ]  # fmt: skip
   per_block = jax.ShapeDtypeStruct((nv, b, hv, tp, kw), _F32)
@@ -184,10 +190,13 @@ def _backward(cfg, q, k, gamma, count, w, u, states, do, dfinal):
     *([("dw", per_block, spec["per_block"])] if w is not None else []),
     ("du", jax.ShapeDtypeStruct((b, hv, tp, vw), _F32), spec["v"]),
     ("dgamma", jax.ShapeDtypeStruct((nv, b, hv, tp), _F32), spec["dgamma"]),
+    *([("dgate", jax.ShapeDtypeStruct((nv, b, hv, tp), _F32), spec["dgamma"])]
+      if gate is not None else []),
     ("ds0", jax.ShapeDtypeStruct((b, hv, kw, vw), _F32), spec["state"]),
   ]  # fmt: skip
   out = _call(_bwd_kernel, cfg, (nv, b, hv), inputs, outputs, "attnlab_gdn_bwd")
-  return out["dq"], out["dk"], out.get("dw"), out["dgamma"], out["du"], out["ds0"]
+  dgate = out.get("dgate")
+  return out["dq"], out["dk"], out.get("dw"), out["dgamma"], dgate, out["du"], out["ds0"]
 
 
 _BACKEND = common.Backend(forward=_forward, backward=_backward)
@@ -224,6 +233,7 @@ def gated_delta_rule(
   chunk_size: int = 64,
   segment_ids: jax.Array | None = None,
   inverse_dtype: Any = None,
+  write_gate: jax.Array | None = None,
   block_v: int | None = None,
   num_warps: int = 4,
   num_stages: int = 2,
@@ -242,6 +252,9 @@ def gated_delta_rule(
     inverse_dtype: dtype of the in-chunk inverse (I + A)⁻¹ and its products
       (XLA side). None: float32, also for bf16 inputs: bf16 destabilises the
       inverse for long chunks and strong keys; 'bfloat16' is faster.
+    write_gate: [batch, time, v_heads] or None: scales each token's write into
+      the state, constant over each chunk (NAtS-L's block gate with chunk =
+      block); the chunk's own outputs see its writes ungated.
     block_v: value columns per program, a power of two (default min(64, V)).
     num_warps, num_stages: Triton launch parameters of both kernels.
     interpret: None (interpret unless compiling for a GPU) or a bool.
@@ -254,7 +267,7 @@ def gated_delta_rule(
   launch = _launch(chunk_size, q.shape[1], block_v, num_warps, num_stages, interpret, (q, k, v))
   return common.gated_delta_rule(
     launch, q, k, v, g, beta, scale=scale, initial_state=initial_state,
-    segment_ids=segment_ids, inverse_dtype=inverse_dtype,
+    segment_ids=segment_ids, inverse_dtype=inverse_dtype, write_gate=write_gate,
   )  # fmt: skip
 
 

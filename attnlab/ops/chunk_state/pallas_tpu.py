@@ -72,9 +72,10 @@ def _fwd_kernel(*refs, cfg: common.ChunkConfig, names: tuple[str, ...], num_chun
     r["states"][...] = state.astype(r["states"].dtype)
   count = r["count"][...] if "count" in r else None
   w = r["w"][...] if "w" in r else None  # None: linear attention
+  gate = r["gate"][...] if "gate" in r else None  # NAtS-L's write gate
   o, state = common.chunk_forward(
     _OPS, cfg, r["q"][...], r["k"][...], w, r["u"][...], r["gamma"][...], count,
-    state, output="o" in r,
+    state, output="o" in r, gate_row=gate,
   )  # fmt: skip
   if "o" in r:
     r["o"][...] = o.astype(r["o"].dtype)
@@ -95,11 +96,12 @@ def _bwd_kernel(*refs, cfg: common.ChunkConfig, names: tuple[str, ...], num_chun
 
   count = r["count"][...] if "count" in r else None
   w = r["w"][...] if "w" in r else None
+  gate = r["gate"][...] if "gate" in r else None
   grads = common.chunk_backward(
     _OPS, cfg, r["q"][...], r["k"][...], w, r["u"][...], r["gamma"][...], count,
-    r["states"][...], r["do"][...], r["acc_ds"][...],
+    r["states"][...], r["do"][...], r["acc_ds"][...], gate_row=gate,
   )  # fmt: skip
-  for name in ("dq", "dk", "dw", "du", "dgamma"):
+  for name in ("dq", "dk", "dw", "du", "dgamma", "dgate"):
     if name in r:
       r[name][...] = grads[name].astype(r[name].dtype)
   r["acc_ds"][...] = grads["dstate"]
@@ -153,7 +155,7 @@ def _call(kernel, cfg, grid, inputs, outputs, scratch, name):
   return dict(zip([n for n, _, _ in outputs], results))
 
 
-def _forward(cfg, q, k, gamma, count, w, u, s0, states: bool):
+def _forward(cfg, q, k, gamma, count, gate, w, u, s0, states: bool):
   b, hv, tp, kw = *u.shape[:3], q.shape[3]
   vw, c, bv = u.shape[-1], cfg.chunk, cfg.block_v
   nc = tp // c
@@ -162,6 +164,7 @@ def _forward(cfg, q, k, gamma, count, w, u, s0, states: bool):
     ("q", q, spec["qk"]), ("k", k, spec["qk"]), ("w", w, spec["w"]), ("u", u, spec["v"]),
     ("gamma", _rows(gamma, c), spec["gamma"]),
     ("count", None if count is None else _rows(count, c), spec["count"]),
+    ("gate", None if gate is None else _rows(gate, c), spec["gamma"]),
     ("s0", s0, spec["state"]),
   ]  # fmt: skip
   outputs = [("final", jax.ShapeDtypeStruct((b, hv, kw, vw), _F32), spec["state"])]
@@ -177,7 +180,7 @@ def _forward(cfg, q, k, gamma, count, w, u, s0, states: bool):
   return out.get("o"), out["final"], out.get("states")
 
 
-def _backward(cfg, q, k, gamma, count, w, u, states, do, dfinal):
+def _backward(cfg, q, k, gamma, count, gate, w, u, states, do, dfinal):
   b, hv, tp, kw = *u.shape[:3], q.shape[3]
   vw, c, bv = u.shape[-1], cfg.chunk, cfg.block_v
   nc, nv = tp // c, vw // bv
@@ -186,6 +189,7 @@ def _backward(cfg, q, k, gamma, count, w, u, states, do, dfinal):
     ("q", q, spec["qk"]), ("k", k, spec["qk"]), ("w", w, spec["w"]), ("u", u, spec["v"]),
     ("gamma", _rows(gamma, c), spec["gamma"]),
     ("count", None if count is None else _rows(count, c), spec["count"]),
+    ("gate", None if gate is None else _rows(gate, c), spec["gamma"]),
     ("states", states, spec["states"]), ("do", do, spec["v"]), ("dfinal", dfinal, spec["state"]),
   ]  # fmt: skip
   per_block = jax.ShapeDtypeStruct((nv, b, hv, tp, kw), _F32)
@@ -194,13 +198,16 @@ def _backward(cfg, q, k, gamma, count, w, u, states, do, dfinal):
     *([("dw", per_block, spec["per_block"])] if w is not None else []),
     ("du", jax.ShapeDtypeStruct((b, hv, tp, vw), _F32), spec["v"]),
     ("dgamma", jax.ShapeDtypeStruct((nv, b, hv, nc, 1, c), _F32), spec["dgamma"]),
+    *([("dgate", jax.ShapeDtypeStruct((nv, b, hv, nc, 1, c), _F32), spec["dgamma"])]
+      if gate is not None else []),
     ("ds0", jax.ShapeDtypeStruct((b, hv, kw, vw), _F32), spec["state"]),
   ]  # fmt: skip
   out = _call(
     _bwd_kernel, cfg, (b, hv, nv, nc), inputs, outputs, [("acc_ds", (kw, bv))], "attnlab_gdn_bwd"
   )
   dgamma = out["dgamma"].reshape(nv, b, hv, tp)
-  return out["dq"], out["dk"], out.get("dw"), dgamma, out["du"], out["ds0"]
+  dgate = None if gate is None else out["dgate"].reshape(nv, b, hv, tp)
+  return out["dq"], out["dk"], out.get("dw"), dgamma, dgate, out["du"], out["ds0"]
 
 
 _BACKEND = common.Backend(forward=_forward, backward=_backward)
@@ -238,6 +245,7 @@ def gated_delta_rule(
   chunk_size: int = 64,
   segment_ids: jax.Array | None = None,
   inverse_dtype: Any = None,
+  write_gate: jax.Array | None = None,
   block_v: int | None = None,
   vmem_limit_bytes: int | None = None,
   interpret: Any = None,
@@ -255,6 +263,9 @@ def gated_delta_rule(
     inverse_dtype: dtype of the in-chunk inverse (I + A)⁻¹ and its products
       (XLA side). None: float32, also for bf16 inputs: bf16 destabilises the
       inverse for long chunks and strong keys; 'bfloat16' is faster.
+    write_gate: [batch, time, v_heads] or None: scales each token's write into
+      the state, constant over each chunk (NAtS-L's block gate with chunk =
+      block); the chunk's own outputs see its writes ungated.
     block_v: value columns per program (default: all up to 128, else 128);
       must divide head_dim_v (padded to a multiple of 128 above 128).
     vmem_limit_bytes: Mosaic's scoped VMEM limit (None: the compiler default).
@@ -269,7 +280,7 @@ def gated_delta_rule(
   launch = _launch(chunk_size, q.shape[1], block_v, vmem_limit_bytes, interpret, (q, k, v))
   return common.gated_delta_rule(
     launch, q, k, v, g, beta, scale=scale, initial_state=initial_state,
-    segment_ids=segment_ids, inverse_dtype=inverse_dtype,
+    segment_ids=segment_ids, inverse_dtype=inverse_dtype, write_gate=write_gate,
   )  # fmt: skip
 
 

@@ -22,14 +22,29 @@ delta gate ⟨dS_end, ΔS_block⟩.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from attnlab.ops import _dispatch, _dtypes
 from attnlab.ops.nats_l import xla
 
+
+def _delta_kernel_fits(impl: str, block_size: int) -> bool:
+  """The kernels run chunk = block: TPU tiles take multiples of 8, Triton powers of two ≥ 16."""
+  if impl == "pallas_tpu":
+    return block_size % 8 == 0
+  if impl == "pallas_gpu":
+    return block_size >= 16 and block_size & (block_size - 1) == 0
+  return True
+
+
 _DELTA = _dispatch.Dispatch(
-  op="block_gated_delta_rule", package="attnlab.ops.nats_l", implementations=("xla", "reference")
+  op="block_gated_delta_rule",
+  package="attnlab.ops.nats_l",
+  implementations=("xla", "reference", "pallas_tpu", "pallas_gpu"),
+  preferred={"tpu": ("pallas_tpu",), "gpu": ("pallas_gpu",)},
 )
 _SPARSE_SOFTMAX = _dispatch.Dispatch(
   op="block_sparse_softmax",
@@ -70,6 +85,7 @@ def block_gated_delta_rule(
   initial_state: jax.Array | None = None,
   return_final_state: bool = False,
   implementation: str | None = None,
+  **kernel_options,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Gated delta rule whose state is written only by delta-typed blocks.
 
@@ -87,7 +103,11 @@ def block_gated_delta_rule(
       whole blocks from a decoding cache.
     return_final_state: also return the state after the last block; time must
       then be a multiple of block_size (an incomplete block has no type yet).
-    implementation: None, 'xla' (chunked) or 'reference' (recurrence).
+    implementation: None (best for the platform compiled for: the chunked
+      state-pass kernel 'pallas_tpu' / 'pallas_gpu' where the block size
+      fits its tiles, else 'xla'), 'xla' (chunked), 'reference' (recurrence),
+      'pallas_tpu' or 'pallas_gpu'.
+    kernel_options: passed to a kernel (e.g. `interpret`, `block_v`).
 
   Returns:
     o [batch, time, heads, head_dim_v] in q.dtype; with return_final_state
@@ -109,13 +129,25 @@ def block_gated_delta_rule(
     raise ValueError(
       f"return_final_state needs whole blocks: time {t} is not a multiple of {block_size}"
     )
-  impl = "reference" if _DELTA.choose(implementation) == "reference" else "xla"
+  impl = _DELTA.choose(implementation, q, k, v)
+  if implementation is None and not _delta_kernel_fits(impl, block_size):
+    impl = "xla"
   dtype = _dtypes.compute_dtype(q, k, v)
   state = jnp.zeros(state_shape, dtype) if initial_state is None else initial_state
-  o, final = _DELTA.module(impl).block_gated_delta_rule(
-    *(jnp.asarray(a, dtype) for a in (q, k, v, g, beta, block_write, state)),
+  # The kernels take q, k, v as matmul operands in their own dtype (bf16 stays
+  # bf16, f32 accumulation); the xla path and the oracle compute in `dtype`.
+  operand = jnp.result_type(q, k, v) if impl.startswith("pallas") else dtype
+  run = lambda q, k, v, g, beta, block_write, state: _DELTA.module(impl).block_gated_delta_rule(
+    q, k, v, g, beta, block_write, state,
     block_size=block_size,
     scale=_dtypes.default_scale(dk, scale),
+    **(kernel_options if impl.startswith("pallas") else {}),
+  )  # fmt: skip
+  if impl.startswith("pallas"):  # XLA cannot partition a kernel: one call per batch shard
+    run = functools.partial(_dispatch.per_shard, run)
+  o, final = run(
+    *(jnp.asarray(a, operand) for a in (q, k, v)),
+    *(jnp.asarray(a, dtype) for a in (g, beta, block_write, state)),
   )
   return (o.astype(q.dtype), final) if return_final_state else o.astype(q.dtype)
 

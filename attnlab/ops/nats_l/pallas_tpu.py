@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnlab.ops import _dispatch
+from attnlab.ops.chunk_state import pallas_tpu as chunk_state
 from attnlab.ops.flash import _common
 from attnlab.ops.nats_l import _sparse
 
@@ -339,3 +340,18 @@ def block_sparse_softmax(
   gates = jnp.swapaxes(block_visible.astype(_F32), 1, 2)  # [B, H, N]
   o = _sparse_softmax(to_kernel(q), to_kernel(k), to_kernel(v), gates, cfg)
   return jnp.swapaxes(o[:, :, :t, : v.shape[-1]], 1, 2).astype(q.dtype)
+
+
+def block_gated_delta_rule(
+  q, k, v, g, beta, block_write, initial_state, *, block_size, scale, **kernel_options
+):
+  """NAtS-L's delta-rule path on the chunked state-pass kernel: chunk = block,
+  each block's state write scaled by its gate (gradient included). Same
+  contract as the xla path: (o [B,T,H,V], the state after the last block)."""
+  t = q.shape[1]
+  gate = jnp.repeat(block_write.astype(jnp.float32), block_size, axis=1)[:, :t]  # [B,T,H]
+  o, final = chunk_state.gated_delta_rule(
+    q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=block_size,
+    write_gate=gate, **kernel_options,
+  )  # fmt: skip
+  return o, final.astype(initial_state.dtype)
