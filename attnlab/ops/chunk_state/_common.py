@@ -489,9 +489,9 @@ def gated_delta_rule(
   """The gated delta rule on one backend: pad, prepare (XLA), the kernel pass, unpad.
 
   Args: as the backends' `gated_delta_rule`, with q, k [B,T,H,K], v
-  [B,T,HV,V], g, beta [B,T,HV]; write_gate [B,T,HV] or None scales each
-  token's write into the state (constant over each chunk for NAtS-L's
-  blocks: the chunk's own outputs still see its writes ungated).
+  [B,T,HV,V], g, beta [B,T,HV]; write_gate [B, ceil(T / chunk), HV] or None
+  scales each chunk's write into the state (NAtS-L's block gate, chunk =
+  block; the chunk's own outputs still see its writes ungated).
 
   Returns:
     (o [B,T,HV,V] in the inputs' dtype, final state [B,HV,K,V] f32).
@@ -504,7 +504,9 @@ def gated_delta_rule(
     kh, vh, rows(g), rows(beta), count, chunk=launch.chunk, inverse_dtype=inverse_dtype
   )
   cfg = _config(launch, scale, block_v, dtype, count)
-  gate = None if write_gate is None else rows(write_gate)
+  gate = None
+  if write_gate is not None:  # per chunk -> per token, the rows the kernels read
+    gate = rows(jnp.repeat(write_gate, launch.chunk, axis=1)[:, : q.shape[1]])
   o, final = core(launch.backend, cfg, qh, kh, gamma, count, gate, w, u, s0)
   return jnp.swapaxes(o[:, :, :t, :dv], 1, 2), final[:, :, :dk, :dv]
 

@@ -252,9 +252,9 @@ def gated_delta_rule(
     inverse_dtype: dtype of the in-chunk inverse (I + A)⁻¹ and its products
       (XLA side). None: float32, also for bf16 inputs: bf16 destabilises the
       inverse for long chunks and strong keys; 'bfloat16' is faster.
-    write_gate: [batch, time, v_heads] or None: scales each token's write into
-      the state, constant over each chunk (NAtS-L's block gate with chunk =
-      block); the chunk's own outputs see its writes ungated.
+    write_gate: [batch, ceil(time / chunk_size), v_heads] or None: scales
+      each chunk's write into the state (NAtS-L's block gate, chunk = block);
+      the chunk's own outputs see its writes ungated.
     block_v: value columns per program, a power of two (default min(64, V)).
     num_warps, num_stages: Triton launch parameters of both kernels.
     interpret: None (interpret unless compiling for a GPU) or a bool.

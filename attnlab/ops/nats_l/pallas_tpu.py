@@ -348,10 +348,8 @@ def block_gated_delta_rule(
   """NAtS-L's delta-rule path on the chunked state-pass kernel: chunk = block,
   each block's state write scaled by its gate (gradient included). Same
   contract as the xla path: (o [B,T,H,V], the state after the last block)."""
-  t = q.shape[1]
-  gate = jnp.repeat(block_write.astype(jnp.float32), block_size, axis=1)[:, :t]  # [B,T,H]
   o, final = chunk_state.gated_delta_rule(
     q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=block_size,
-    write_gate=gate, **kernel_options,
+    write_gate=block_write, **kernel_options,
   )  # fmt: skip
   return o, final.astype(initial_state.dtype)
