@@ -1,6 +1,6 @@
 """Collect the runs of run.sh into results.json, results.md and nats_l.png.
 
-python experiments/nats_l_shakespeare/summarize.py runs/experiments/shakespeare
+python experiments/nats_l_shakespeare/summarize.py runs/experiments/shakespeare [more seed dirs]
 """
 
 from __future__ import annotations
@@ -16,36 +16,46 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["softmax", "gated_deltanet", "nats_l"]
 
 
-def main(out: str) -> None:
-  results = {}
-  for v in VARIANTS:
-    if not os.path.exists(os.path.join(out, v, "metrics.jsonl")):
-      continue  # not run (yet)
-    rows = _metrics.read(os.path.join(out, v))
-    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-    if not evals:
-      continue  # stopped before its first evaluation
-    fractions = {
-      k: [(r["step"], r[k]) for r in rows if k in r]
-      for k in sorted({k for r in rows for k in r if k.endswith("attn_block_fraction")})
-    }
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    results[v] = {
-      "eval_loss": evals,
-      "final_eval_loss": evals[-1][1],
-      "train_loss": train,
-      "attn_fraction": fractions,
-    }
-    train = [r.get("train/seconds") for r in rows if "train/seconds" in r]
-    if train:
-      results[v]["train_seconds"] = train[-1]
+def _run(workdir: str) -> dict | None:
+  """One finished run's curves, or None if it has not reached its first evaluation."""
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return None
+  rows = _metrics.read(workdir)
+  evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+  if not evals:
+    return None
+  fractions = {
+    k: [(r["step"], r[k]) for r in rows if k in r]
+    for k in sorted({k for r in rows for k in r if k.endswith("attn_block_fraction")})
+  }
+  acc = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+  return {
+    "seed": json.load(open(os.path.join(workdir, "config.json"))).get("seed"),
+    "eval_loss": evals,
+    "final_eval_loss": evals[-1][1],
+    "final_eval_accuracy": acc[-1] if acc else None,
+    "train_loss": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
+    "attn_fraction": fractions,
+  }
+
+
+def main(outs: list[str]) -> None:
+  """`outs`: one run directory per seed, each holding <variant>/ workdirs."""
+  results = {v: [r for out in outs if (r := _run(os.path.join(out, v)))] for v in VARIANTS}
+  results = {v: runs for v, runs in results.items() if runs}
   lines = [
-    "| variant | final eval loss (nats/byte) | attention-block fraction (last logged) |",
-    "|---|---|---|",
+    "| variant | seeds | final eval loss per seed (nats/byte) | mean | attention-block fraction"
+    " per layer, last logged, per seed |",
+    "|---|---|---|---|---|",
   ]
-  for v, r in results.items():
-    frac = ", ".join(f"{k.split('/')[1]}: {c[-1][1]:.3f}" for k, c in r["attn_fraction"].items())
-    lines.append(f"| {v} | {r['final_eval_loss']:.3f} | {frac or '-'} |")
+  for v, runs in results.items():
+    losses = [r["final_eval_loss"] for r in runs]
+    per_seed = ", ".join(f"{r['seed']}: {r['final_eval_loss']:.3f}" for r in runs)
+    frac = "; ".join(
+      ", ".join(f"{c[-1][1]:.3f}" for c in r["attn_fraction"].values()) for r in runs
+    )
+    mean = sum(losses) / len(losses)
+    lines.append(f"| {v} | {len(runs)} | {per_seed} | {mean:.3f} | {frac or '-'} |")
   with open(os.path.join(HERE, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(HERE, "results.json"), "w") as f:
@@ -58,11 +68,19 @@ def main(out: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, (ax, ax_frac) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for v, r in results.items():
-    (line,) = ax.plot(*zip(*r["train_loss"]), marker=".", label=f"{v} (train)")
-    ax.plot(*zip(*r["eval_loss"]), marker="*", ms=12, ls="", color=line.get_color())
-  for k, c in results["nats_l"]["attn_fraction"].items():
-    ax_frac.plot(*zip(*c), marker=".", label=k.split("/")[1])
+  for v, runs in results.items():
+    color = None
+    for i, r in enumerate(runs):
+      label = f"{v} (train)" if i == 0 else None
+      (line,) = ax.plot(
+        *zip(*r["train_loss"]), marker=".", label=label, color=color, alpha=1 - 0.4 * i
+      )
+      color = line.get_color()
+      ax.plot(*zip(*r["eval_loss"]), marker="*", ms=12, ls="", color=color)
+  if "nats_l" in results:
+    for r in results["nats_l"]:
+      for k, c in r["attn_fraction"].items():
+        ax_frac.plot(*zip(*c), marker=".", label=f"{k.split('/')[1]}, seed {r['seed']}")
   ax.set(
     xlabel="step", ylabel="loss (nats/byte; stars: held-out)", title="Shakespeare bytes, T=128"
   )
@@ -79,4 +97,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1:])
