@@ -17,6 +17,8 @@ CPU mode (one process, side by side, on the shared CPU):
 GPU mode: kernel vs xla errors at bf16, then forward+backward time of our
 softmax kernel, LUCID (xla solve or solve kernel, plus the softmax kernel)
 and NAtS-L's block-sparse kernel at fractions 0, 0.5, 1 (and its xla path).
+LUCID's solve kernel runs in both GPU precisions ('bf16x6', the default, and
+'ieee'); each row records its compile time (`compile_s`) as well.
 """
 
 from __future__ import annotations
@@ -51,8 +53,13 @@ def _fwd_bwd(fn, n_args):
   return jax.jit(jax.grad(loss, argnums=tuple(range(n_args))))
 
 
-def _programs(b, t, h, d, block, dtype, fraction, rng, impl="xla", values_impl=None):
-  """name -> (fwd+bwd program, args) for softmax, LUCID and NAtS-L."""
+def _programs(
+  b, t, h, d, block, dtype, fraction, rng, impl="xla", values_impl=None, values_options=None
+):
+  """name -> (fwd+bwd program, args) for softmax, LUCID and NAtS-L.
+
+  values_options: kernel options of LUCID's solve (e.g. the GPU's `precision`).
+  """
   q, k, v = (_normal(rng, (b, t, h, d), dtype) for _ in range(3))
   n = -(-t // block)
   vis = _gates(rng, b, n, h, fraction)
@@ -62,7 +69,9 @@ def _programs(b, t, h, d, block, dtype, fraction, rng, impl="xla", values_impl=N
   softmax = lambda q, k, v: ops.softmax_attention(q, k, v, implementation=impl)
 
   def lucid(q, k, v):
-    v_prime = ops.lucid_values(k, v, block_size=block, implementation=values_impl or impl)
+    v_prime = ops.lucid_values(
+      k, v, block_size=block, implementation=values_impl or impl, **(values_options or {})
+    )
     return ops.softmax_attention(q, k, v_prime.astype(q.dtype), implementation=impl)
 
   def nats(q, k, v):
@@ -226,7 +235,13 @@ def gpu(args) -> None:
       q, k, v, g, block_size=block, implementation=impl), (q, k, v, vis)),
     ("lucid_values", lambda impl, k, v: ops.lucid_values(
       k, v, block_size=block, implementation=impl), (k, v)),
+    ("lucid_values_ieee", lambda impl, k, v: ops.lucid_values(
+      k, v, block_size=block, implementation=impl,
+      **({"precision": "ieee"} if impl == "pallas_gpu" else {})), (k, v)),
   ):  # fmt: skip
+    if budget.over():
+      print(recorder.add(dict(kind="skipped", op=op, t=t)), flush=True)
+      continue
     try:
       got, want = (
         (
@@ -246,23 +261,26 @@ def gpu(args) -> None:
       print(recorder.add(dict(kind="check", op=op, error=repr(error)[:500])), flush=True)
 
   for t in args.gpu_lengths:
-    cases = [("softmax", "pallas_gpu", None, 0.5), ("lucid", "pallas_gpu", "xla", 0.5),
-             ("lucid", "pallas_gpu", "pallas_gpu", 0.5)]  # fmt: skip
-    cases += [("block_sparse_softmax", "pallas_gpu", None, f) for f in (0.0, 0.5, 1.0)]
+    bf16x6, ieee = {"precision": "bf16x6"}, {"precision": "ieee"}
+    cases = [("softmax", "pallas_gpu", None, 0.5, None), ("lucid", "pallas_gpu", "xla", 0.5, None),
+             ("lucid", "pallas_gpu", "pallas_gpu", 0.5, bf16x6)]  # fmt: skip
+    cases += [("block_sparse_softmax", "pallas_gpu", None, f, None) for f in (0.0, 0.5, 1.0)]
     if t <= 4096:
-      cases.append(("block_sparse_softmax", "xla", None, 0.5))
-    for name, impl, values_impl, fraction in cases:
+      cases.append(("block_sparse_softmax", "xla", None, 0.5, None))
+    cases.append(("lucid", "pallas_gpu", "pallas_gpu", 0.5, ieee))  # last: slow to compile
+    for name, impl, values_impl, fraction, values_options in cases:
       if budget.over():
         print(recorder.add(dict(kind="skipped", t=t, op=name, impl=impl)), flush=True)
         continue
       try:
         programs, _ = _programs(
-          b, t, h, d, block, jnp.bfloat16, fraction, rng, impl=impl, values_impl=values_impl
-        )
+          b, t, h, d, block, jnp.bfloat16, fraction, rng, impl=impl, values_impl=values_impl,
+          values_options=values_options,
+        )  # fmt: skip
         fn, a = programs[name]
         timing = _timing.time_fn(fn, a, min_runs=5, min_seconds=args.min_seconds)
         row = dict(kind="time", op=name, impl=impl, values_impl=values_impl, t=t, b=b, h=h, d=d,
-                   fraction=fraction, **timing)  # fmt: skip
+                   fraction=fraction, values_options=values_options, **timing)  # fmt: skip
       except Exception as error:  # noqa: BLE001 - record and go on
         row = dict(kind="error", op=name, impl=impl, t=t, error=repr(error)[:500])
       print(recorder.add(row), flush=True)

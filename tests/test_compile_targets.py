@@ -119,6 +119,45 @@ def test_dispatch_follows_the_compile_target():
   assert _dispatch.interpret_default("cpu", jnp.zeros(3)) is False
 
 
+def _gpu_mesh() -> jax.sharding.AbstractMesh:
+  """A one-device CUDA mesh without a GPU: what a trace for an H200 sees."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+  return jax.sharding.AbstractMesh((1,), ("data",), abstract_device=device)
+
+
+def test_none_picks_the_gpu_kernel_of_every_op_for_a_gpu_target():
+  """Under a CUDA mesh `implementation=None` reaches each op's GPU kernel: the
+  CUDA lowering of forward + backward holds the kernel's Triton calls (on this
+  CPU host, outside the mesh, the same calls take the xla path: no Triton)."""
+  b, t, h, d, block = 1, 256, 2, 64, 64
+  x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  per_token = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
+  blocks = jax.ShapeDtypeStruct((b, t // block, h), jnp.float32)
+  cases = {  # op -> (fn, args, Triton calls in forward + backward)
+    "lucid_values": (lambda k, v: ops.lucid_values(k, v, block_size=block), (x, x), 2),
+    "softplus_attention": (lambda q, k, v: ops.softplus_attention(q, k, v), (x, x, x), 3),
+    "linear_attention": (lambda q, k, v: ops.linear_attention(q, k, v)[0], (x, x, x), 3),
+    "gated_delta_rule": (
+      lambda q, k, v, g, beta: ops.gated_delta_rule(q, k, v, g, beta)[0],
+      (x, x, x, per_token, per_token),
+      3,
+    ),
+    "block_sparse_softmax": (
+      lambda q, k, v, gate: ops.block_sparse_softmax(q, k, v, gate, block_size=block),
+      (x, x, x, blocks),
+      3,
+    ),
+  }
+  for name, (fn, args, kernels) in cases.items():
+    grads = jax.grad(
+      lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32) ** 2), argnums=tuple(range(len(args)))
+    )
+    with jax.sharding.use_abstract_mesh(_gpu_mesh()):
+      text = lower_for_cuda(grads, args)
+    assert text.count("__gpu$xla.gpu.triton") == kernels, name
+    assert lower_for_cuda(grads, args).count("__gpu$xla.gpu.triton") == 0, f"{name} on the host"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("kind", ["softmax", "lssar"])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from attnlab import ops
+from attnlab.ops.lucid import _solve
 from attnlab.ops.lucid import reference as lucid_reference
 from attnlab.ops.nats_l import _sparse
 from attnlab.ops.nats_l import reference as nats_reference
@@ -172,12 +173,38 @@ def test_block_gated_delta_kernel_matches_xla_and_oracle(impl, block, t):
       _close(gv, rv, grad_tol, f"d{name} vs {label}")
 
 
+def test_bf16x6_dot_is_as_accurate_as_float32():
+  """Six bf16 products per matmul (the GPU solve's default) against float64: at
+  float32's rounding level, where one bf16 product is ~3 digits off."""
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(64, 48)) * np.exp(rng.normal(size=(64, 1)))  # rows of mixed scale
+  b = rng.normal(size=(32, 48))
+  want = a @ b.T
+  nt, nn = (((1,), (1,)), ((), ())), (((1,), (0,)), ((), ()))
+  for dims, rhs in ((nt, b), (nn, b.T)):
+    x, y = jnp.asarray(a, jnp.float32), jnp.asarray(rhs, jnp.float32)
+    scale = np.max(np.abs(want))
+    split = np.max(np.abs(np.asarray(_solve.bf16x6_dot(x, y, dims), np.float64) - want)) / scale
+    ieee = np.max(np.abs(np.asarray(_solve.dot(x, y, dims), np.float64) - want)) / scale
+    one = jax.lax.dot_general(
+      x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), dims, preferred_element_type=jnp.float32
+    )
+    single = np.max(np.abs(np.asarray(one, np.float64) - want)) / scale
+    assert split <= 2 * ieee + 1e-7, (split, ieee)
+    assert split <= 1e-6 and single >= 1e-3, (split, single)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"], ids=["mosaic", "triton"])
-def test_lucid_values_kernel_matches_xla_and_oracle(impl):
+@pytest.mark.parametrize(
+  "impl, precision",
+  [("pallas_tpu", None), ("pallas_gpu", "bf16x6"), ("pallas_gpu", "ieee")],
+  ids=["mosaic", "triton-bf16x6", "triton-ieee"],
+)
+def test_lucid_values_kernel_matches_xla_and_oracle(impl, precision):
   rng = np.random.default_rng(2)
   b, t, h, d = 1, 40, 2, 16  # block 16: two full blocks and a padded one
   k, v, cot = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
+  options = {} if precision is None else {"precision": precision}
 
   def path(name, module=None):
     def run(k, v):
@@ -186,7 +213,8 @@ def test_lucid_values_kernel_matches_xla_and_oracle(impl):
           k, v, eps=1e-5, block_size=16, context_keys=None, context_values=None,
           context_length=0,
         )  # fmt: skip
-      return ops.lucid_values(k, v, block_size=16, implementation=name)
+      extra = options if name == impl else {}
+      return ops.lucid_values(k, v, block_size=16, implementation=name, **extra)
 
     return run
 
@@ -288,3 +316,38 @@ def test_kernels_lower_for_cuda():
   for name, fn, args, kernels in _kernels(cuda=True):
     text = lower_for_cuda(_fwd_bwd(fn, len(args)), args)
     assert text.count("__gpu$xla.gpu.triton") == kernels, name
+
+
+def _kernel_dots(jaxpr) -> list:
+  """(lhs dtype, precision) of every dot_general inside the pallas_calls of a jaxpr."""
+  found = []
+
+  def walk(jaxpr, inside):
+    for eqn in jaxpr.eqns:
+      if inside and eqn.primitive.name == "dot_general":
+        found.append((eqn.invars[0].aval.dtype, eqn.params["precision"]))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub, inside or eqn.primitive.name == "pallas_call")
+
+  walk(jaxpr.jaxpr, False)
+  return found
+
+
+@pytest.mark.parametrize("precision", ["bf16x6", "ieee"])
+def test_lucid_gpu_kernels_multiply_in_the_chosen_precision(precision):
+  """What the Triton lowering receives: bf16 operands only (tensor cores) for
+  'bf16x6', float32 at HIGHEST (Triton's IEEE dot) for 'ieee'."""
+  x = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+  fn = lambda k, v: ops.lucid_values(
+    k, v, block_size=64, implementation="pallas_gpu", interpret=False, precision=precision
+  )
+  dots = _kernel_dots(jax.make_jaxpr(_fwd_bwd(fn, 2))(x, x))
+  assert dots, "no dot inside the kernels"
+  if precision == "bf16x6":
+    assert {dtype for dtype, _ in dots} == {jnp.dtype(jnp.bfloat16)}, dots
+  else:
+    assert {dtype for dtype, _ in dots} == {jnp.dtype(jnp.float32)}, dots
+    assert all(p == (jax.lax.Precision.HIGHEST,) * 2 for _, p in dots), dots
+  with pytest.raises(ValueError, match="precision must be one of"):
+    small = jnp.zeros((1, 16, 1, 16), jnp.float32)
+    ops.lucid_values(small, small, implementation="pallas_gpu", precision="tf32")

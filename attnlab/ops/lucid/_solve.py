@@ -14,8 +14,10 @@ and K_ij = exp(k̂_i k̂_jᵀ/√D − √D):
 
 where X_i = (I + strict(K_ii))⁻¹ is formed in the kernel by
 `unit_lower_inverse`, and finally dk = r dk̂ − (r³/D) k (k·dk̂) through the
-norm (r = 1/rms). Every product runs in float32 at HIGHEST precision: the
-solve amplifies rounding (on GPUs a TF32 product would cost ~3 digits).
+norm (r = 1/rms). Every product is float32-accurate: the solve amplifies
+rounding (on GPUs a single TF32 product would cost ~3 digits). `dot` (HIGHEST
+precision) is the default matmul; a backend may pass its own of the same
+accuracy, such as `bf16x6_dot`, which runs on tensor cores.
 """
 
 from __future__ import annotations
@@ -35,8 +37,37 @@ _NN = (((1,), (0,)), ((), ()))
 _NT = (((1,), (1,)), ((), ()))
 
 
+Dot = Callable[..., jax.Array]  # (a, b, dims=_NN) -> float32 product
+
+
 def dot(a: jax.Array, b: jax.Array, dims=_NN) -> jax.Array:
   return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+
+
+def _bf16_parts(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x ≈ x₀ + x₁ + x₂ in bfloat16 (8 + 8 + 8 significand bits: float32's 24)."""
+  x0 = x.astype(jnp.bfloat16)
+  r = x - x0.astype(_F32)
+  x1 = r.astype(jnp.bfloat16)
+  return x0, x1, (r - x1.astype(_F32)).astype(jnp.bfloat16)
+
+
+def bf16x6_dot(a: jax.Array, b: jax.Array, dims=_NN) -> jax.Array:
+  """A float32 product from six bfloat16 ones (the terms xᵢyⱼ with i + j ≤ 2).
+
+  Each bf16 × bf16 product is exact in float32, so this differs from an IEEE
+  float32 matmul only by the dropped terms (~2⁻²⁴ relative) and summation
+  order, on every backend alike: interpret mode on a CPU does the same
+  arithmetic as the GPU, where the six products are tensor-core MMAs instead
+  of the FMA loops an IEEE float32 dot compiles to in Triton. The smallest
+  terms are added first.
+  """
+  a_parts, b_parts = _bf16_parts(a.astype(_F32)), _bf16_parts(b.astype(_F32))
+  acc = None
+  for i, j in ((1, 1), (0, 2), (2, 0), (0, 1), (1, 0), (0, 0)):
+    term = lax.dot_general(a_parts[i], b_parts[j], dims, preferred_element_type=_F32)
+    acc = term if acc is None else acc + term
+  return acc
 
 
 def normalize(k: jax.Array, eps: float) -> jax.Array:
@@ -45,7 +76,7 @@ def normalize(k: jax.Array, eps: float) -> jax.Array:
   return k * lax.rsqrt(jnp.mean(k * k, axis=-1, keepdims=True) + eps)
 
 
-def kernel_tile(a: jax.Array, b: jax.Array) -> jax.Array:
+def kernel_tile(a: jax.Array, b: jax.Array, dot: Dot = dot) -> jax.Array:
   """exp(a bᵀ/√D − √D) for normalised [n, D] and [m, D]."""
   d = a.shape[-1] if a.shape[-1] else 1
   return jnp.exp(dot(a, b, _NT) * d**-0.5 - d**0.5)
@@ -60,8 +91,8 @@ def strict_lower(x: jax.Array) -> jax.Array:
   return jnp.where(_iota(n, 0) > _iota(n, 1), x, 0.0)
 
 
-def unit_lower_inverse(a: jax.Array) -> jax.Array:
-  """(I + a)⁻¹ for a strictly lower-triangular [n, n], every product at HIGHEST."""
+def unit_lower_inverse(a: jax.Array, dot: Dot = dot) -> jax.Array:
+  """(I + a)⁻¹ for a strictly lower-triangular [n, n], every product by `dot`."""
   return _linalg.unit_lower_inverse(a, dot=dot)
 
 
@@ -70,7 +101,7 @@ Store = Callable[[str, jax.Array, jax.Array], None]  # (name, block start, value
 
 
 def forward_body(load: Load, store: Store, barrier: Callable[[], None], *, block: int,
-                 num_blocks: int, eps: float) -> None:  # fmt: skip
+                 num_blocks: int, eps: float, dot: Dot = dot) -> None:  # fmt: skip
   """V′ of one (batch, head): reads 'k', 'v' and earlier 'vp' blocks, writes 'vp'."""
 
   def row(i, carry):
@@ -79,10 +110,10 @@ def forward_body(load: Load, store: Store, barrier: Callable[[], None], *, block
 
     def earlier(j, rhs):
       k_j = normalize(load("k", j * block), eps)
-      return rhs - dot(kernel_tile(k_i, k_j), load("vp", j * block))
+      return rhs - dot(kernel_tile(k_i, k_j, dot), load("vp", j * block))
 
     rhs = lax.fori_loop(0, i, earlier, load("v", start).astype(_F32))
-    inverse = unit_lower_inverse(strict_lower(kernel_tile(k_i, k_i)))
+    inverse = unit_lower_inverse(strict_lower(kernel_tile(k_i, k_i, dot)), dot)
     store("vp", start, dot(inverse, rhs))
     barrier()  # later rows read this block back
     return carry
@@ -91,7 +122,7 @@ def forward_body(load: Load, store: Store, barrier: Callable[[], None], *, block
 
 
 def backward_body(load: Load, store: Store, barrier: Callable[[], None], *, block: int,
-                  num_blocks: int, eps: float) -> None:  # fmt: skip
+                  num_blocks: int, eps: float, dot: Dot = dot) -> None:  # fmt: skip
   """dV and dk of one (batch, head) from 'k', 'vp' and the cotangent 'g'.
 
   Writes 'dv' (read back by earlier rows) and accumulates dk̂ in 'dk', then
@@ -114,16 +145,16 @@ def backward_body(load: Load, store: Store, barrier: Callable[[], None], *, bloc
 
     def later(j, rhs):
       k_j = normalize(load("k", j * block), eps)
-      return rhs - dot(kernel_tile(k_j, k_i).T, load("dv", j * block))
+      return rhs - dot(kernel_tile(k_j, k_i, dot).T, load("dv", j * block))
 
     rhs = lax.fori_loop(i + 1, num_blocks, later, load("g", start).astype(_F32))
-    own = strict_lower(kernel_tile(k_i, k_i))
-    dv_i = dot(unit_lower_inverse(own).T, rhs)
+    own = strict_lower(kernel_tile(k_i, k_i, dot))
+    dv_i = dot(unit_lower_inverse(own, dot).T, rhs)
     store("dv", start, dv_i)
 
     def earlier(j, dk_i):
       k_j = normalize(load("k", j * block), eps)
-      d_g = -dot(dv_i, load("vp", j * block), _NT) * kernel_tile(k_i, k_j)
+      d_g = -dot(dv_i, load("vp", j * block), _NT) * kernel_tile(k_i, k_j, dot)
       store("dk", j * block, load("dk", j * block) + scale * dot(d_g.T, k_i))
       return dk_i + scale * dot(d_g, k_j)
 

@@ -14,9 +14,7 @@ _VALUES = _dispatch.Dispatch(
   op="lucid_values",
   package="attnlab.ops.lucid",
   implementations=("xla", "reference", *_KERNELS),
-  # GPU stays on xla under None for now: on an H200 the Triton solve kernel took 39 s to
-  # compile (forward alone) and its speed against xla is not measured yet.
-  preferred={"tpu": ("pallas_tpu",)},
+  preferred={"tpu": ("pallas_tpu",), "gpu": ("pallas_gpu",)},
   eligible=lambda impl, arrays: _kernel_fits(impl, *arrays[:2]),
 )
 
@@ -60,7 +58,8 @@ def lucid_values(
       `context_length` rows are valid and precede the new tokens.
     block_size: rows per forward-substitution block; any T works.
     implementation: None ('pallas_tpu' when compiling for TPU and the
-      sequence fits in VMEM, else 'xla'), 'xla' (blocked solve, custom VJP),
+      sequence fits in VMEM, 'pallas_gpu' when compiling for a GPU and
+      head_dim is a power of two >= 16, else 'xla'), 'xla' (blocked solve, custom VJP),
       'reference' (the token recurrence), or 'pallas_tpu' / 'pallas_gpu'
       (one program per (batch, kv head) solving the whole sequence in the
       kernel, custom VJP by the transposed solve; interpreted off their

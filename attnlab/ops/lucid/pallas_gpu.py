@@ -3,8 +3,11 @@
 Grid (batch, kv_heads): one program solves one head's whole sequence,
 sweeping row blocks in order (forward) or in reverse (the transposed solve of
 the VJP) with the bodies of `_solve`: key RMS-norm and exponential kernel
-fused into the tiles, each diagonal block inverted in the kernel, products at
-IEEE float32 (no TF32). K, V and V′ stay in global memory and stream through
+fused into the tiles, each diagonal block inverted in the kernel. Products
+are float32-accurate, never TF32: by default (`precision='bf16x6'`) each is
+six bf16 tensor-core products (`_solve.bf16x6_dot`); `precision='ieee'` is
+Triton's IEEE float32 dot, which compiles to FMA loops (on the 2026-11-30
+H200 its forward took 39 s to compile). K, V and V′ stay in global memory and stream through
 the tiles; a block written by one row sweep is read back by later rows of the
 same program, so a CTA barrier follows each row's stores.
 
@@ -39,6 +42,14 @@ class _Config:
   eps: float
   interpret: bool
   num_warps: int = 4
+  precision: str = "bf16x6"
+
+  @property
+  def dot(self) -> _solve.Dot:
+    return _DOTS[self.precision]
+
+
+_DOTS = {"bf16x6": _solve.bf16x6_dot, "ieee": _solve.dot}
 
 
 def _access(refs: dict, block: int, interpret: bool):
@@ -55,14 +66,16 @@ def _access(refs: dict, block: int, interpret: bool):
 
 def _fwd_kernel(k_ref, v_ref, vp_ref, *, cfg: _Config):
   load, store, barrier = _access({"k": k_ref, "v": v_ref, "vp": vp_ref}, cfg.block, cfg.interpret)
-  _solve.forward_body(load, store, barrier, block=cfg.block, num_blocks=cfg.num_blocks, eps=cfg.eps)
+  _solve.forward_body(
+    load, store, barrier, block=cfg.block, num_blocks=cfg.num_blocks, eps=cfg.eps, dot=cfg.dot
+  )
 
 
 def _bwd_kernel(k_ref, vp_ref, g_ref, dk_ref, dv_ref, *, cfg: _Config):
   refs = {"k": k_ref, "vp": vp_ref, "g": g_ref, "dk": dk_ref, "dv": dv_ref}
   load, store, barrier = _access(refs, cfg.block, cfg.interpret)
   _solve.backward_body(
-    load, store, barrier, block=cfg.block, num_blocks=cfg.num_blocks, eps=cfg.eps
+    load, store, barrier, block=cfg.block, num_blocks=cfg.num_blocks, eps=cfg.eps, dot=cfg.dot
   )
 
 
@@ -95,6 +108,7 @@ def preconditioned_values(
   context_length: jax.Array | int = 0,
   interpret: bool | None = None,
   num_warps: int = 4,
+  precision: str = "bf16x6",
 ) -> jax.Array:
   """See `attnlab.ops.lucid_values`: [B,T,H,D] raw keys, [B,T,H,Dv] values -> V′ (float32).
 
@@ -102,7 +116,13 @@ def preconditioned_values(
     block_size: rows per block; the kernel uses the largest power of two
       not above it (at least 16, Triton's smallest dot).
     interpret: None (interpret unless compiling for GPU) or a bool.
+    precision: 'bf16x6' (six bf16 tensor-core products per matmul) or
+      'ieee' (Triton's IEEE float32 dot); both float32-accurate.
   """
+  if precision not in _DOTS:
+    raise ValueError(
+      f"pallas_gpu lucid_values: precision must be one of {tuple(_DOTS)}, got {precision!r}"
+    )
   if interpret is None:
     interpret = _dispatch.interpret_default("gpu", k, v)
   t, d, dv = k.shape[1], k.shape[-1], v.shape[-1]
@@ -116,6 +136,6 @@ def preconditioned_values(
   prep = lambda x, n: _common.pad_axis(_common.pad_axis(x.astype(_F32), 1, tp), 3, width(n))
   if width(d) != d:
     raise ValueError(f"pallas_gpu lucid_values: head_dim must be a power of two >= 16, got {d}")
-  cfg = _Config(block, tp // block, float(eps), bool(interpret), num_warps)
+  cfg = _Config(block, tp // block, float(eps), bool(interpret), num_warps, precision)
   vp = _lucid_solve(prep(k, d), prep(rhs, dv), cfg)
   return vp[:, :t, :, :dv]
