@@ -12,8 +12,10 @@ CPU mode (one process, side by side, on the shared CPU):
      in the fraction), and the tiles the kernels visit (counted from the
      block lists the kernels index with; interpret mode on a CPU says nothing
      about kernel speed);
-  3. with a TPU compiler (libtpu), the compiled v5e memory of the xla path
-     against the pallas_tpu kernels, forward+backward, bf16.
+  3. with a TPU compiler (libtpu), for one v5e, v5p and v6e chip: compiled
+     temporaries, compile time and Mosaic calls of the xla path against the
+     pallas_tpu kernels (LUCID's solve, NAtS-L's block-sparse softmax and its
+     block-gated delta rule), forward+backward, bf16.
 GPU mode: kernel vs xla errors at bf16, then forward+backward time of our
 softmax kernel, LUCID (xla solve or solve kernel, plus the softmax kernel)
 and NAtS-L's block-sparse kernel at fractions 0, 0.5, 1 (and its xla path).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -168,11 +171,35 @@ def cpu(args) -> None:
   ]
   if tpu:
     md += [
-      "\n\n# Compiled v5e memory, fwd+bwd, bf16 (temporaries per chip)\n",
+      "\n\n# Compiled for one TPU chip, fwd+bwd, bf16: temporaries and compile time"
+      " (0 MiB: this libtpu reported none)\n",
       _timing.markdown_table(
-        ["op", "T", "B·H", "xla temp MiB", "pallas_tpu temp MiB"],
-        [[r["op"], r["t"], r["bh"], r["xla_temp_mib"], r["pallas_tpu_temp_mib"]] for r in tpu],
-      ),
+        [
+          "topology",
+          "op",
+          "T",
+          "B·H",
+          "xla temp MiB",
+          "kernel temp MiB",
+          "Mosaic calls",
+          "xla compile s",
+          "kernel compile s",
+        ],
+        [
+          [
+            r["topology"],
+            r["op"],
+            r["t"],
+            r["bh"],
+            r["xla_temp_mib"],
+            r["pallas_tpu_temp_mib"],
+            r["pallas_tpu_mosaic_calls"],
+            r["xla_compile_s"],
+            r["pallas_tpu_compile_s"],
+          ]
+          for r in tpu
+        ],
+      ),  # fmt: skip
     ]
   stem = "lucid_nats_l_cpu" + (
     "" if args.sections == ALL_SECTIONS else "_" + args.sections.replace(",", "_")
@@ -184,38 +211,64 @@ def cpu(args) -> None:
   print("\n".join(map(str, paths)))
 
 
+TPU_TOPOLOGIES = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
+
+
 def _tpu_memory(args) -> list[dict]:
-  """Compiled temporaries of xla vs pallas_tpu on one v5e chip (compile only)."""
+  """Compiled temporaries and compile time of xla vs pallas_tpu, fwd+bwd, bf16, one chip
+  of each TPU generation (compile only): LUCID's solve and NAtS-L's two parts."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
-  try:
-    # Note: this libtpu's v5e memory_analysis reported 0 bytes of temporaries for the
-    # T=1024 programs (2026-11-30), though v5p reports them.
-    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
-  except Exception as error:  # noqa: BLE001 - no libtpu: skip this section
-    print("no TPU compiler:", error)
-    return []
-  mesh = jax.sharding.Mesh(np.array(topo.devices[:1]), ("x",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   out = []
   b, h, d, block = 1, 12, 64, 64
-  for t in (1024, 4096):
-    x = spec((b, t, h, d), jnp.bfloat16)
-    gates = spec((b, t // block, h), jnp.float32)
-    row_nats = dict(op="block_sparse_softmax", t=t, bh=b * h)
-    row_lucid = dict(op="lucid_values", t=t, bh=b * h)
-    for impl in ("xla", "pallas_tpu"):
-      nats = lambda q, k, v, g, impl=impl: ops.block_sparse_softmax(
-        q, k, v, g, block_size=block, implementation=impl
-      )
-      lucid = lambda k, v, impl=impl: ops.lucid_values(k, v, block_size=128, implementation=impl)
-      for row, fn, a in ((row_nats, nats, (x, x, x, gates)), (row_lucid, lucid, (x, x))):
-        compiled = _fwd_bwd(fn, len(a)).lower(*a).compile()
-        row[f"{impl}_temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
-    out += [row_nats, row_lucid]
-    print(row_nats, row_lucid, flush=True)
+  for name in TPU_TOPOLOGIES:
+    try:
+      topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as error:  # noqa: BLE001 - no libtpu: skip this section
+      print("no TPU compiler:", error)
+      return out
+    mesh = jax.sharding.Mesh(np.array(topo.devices[:1]), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    spec = lambda shape, dtype, sharding=sharding: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding
+    )
+    for t in (1024, 4096):
+      x = spec((b, t, h, d), jnp.bfloat16)
+      per_token = spec((b, t, h), jnp.float32)
+      gates = spec((b, t // block, h), jnp.float32)
+      cases = {
+        "block_sparse_softmax": (
+          lambda impl: (
+            lambda q, k, v, g: ops.block_sparse_softmax(
+              q, k, v, g, block_size=block, implementation=impl
+            )
+          ),
+          (x, x, x, gates),
+        ),
+        "lucid_values": (
+          lambda impl: lambda k, v: ops.lucid_values(k, v, block_size=128, implementation=impl),
+          (x, x),
+        ),
+        "block_gated_delta_rule": (
+          lambda impl: (
+            lambda q, k, v, g, beta, w: ops.block_gated_delta_rule(
+              q, k, v, g, beta, w, block_size=block, implementation=impl
+            )
+          ),
+          (x, x, x, per_token, per_token, gates),
+        ),
+      }
+      for op, (make, a) in cases.items():
+        row = dict(topology=name, op=op, t=t, bh=b * h)
+        for impl in ("xla", "pallas_tpu"):
+          start = time.perf_counter()
+          compiled = _fwd_bwd(make(impl), len(a)).lower(*a).compile()
+          row[f"{impl}_compile_s"] = time.perf_counter() - start
+          row[f"{impl}_temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+          row[f"{impl}_mosaic_calls"] = compiled.as_text().count("tpu_custom_call")
+        out.append(row)
+        print(row, flush=True)
   return out
 
 

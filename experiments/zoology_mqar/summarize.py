@@ -1,6 +1,7 @@
-"""Collect the MQAR runs of run.sh into results.json, results.md and mqar.png.
+"""Collect the MQAR runs of run.sh into results_d<D>_v<V>.{json,md} and mqar_d<D>_v<V>.png.
 
-python experiments/zoology_mqar/summarize.py runs/experiments/zoology_mqar 64 512
+python experiments/zoology_mqar/summarize.py runs/experiments/zoology_mqar 64 8192
+python experiments/zoology_mqar/summarize.py - 64 64   # redraw from the committed JSON
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ["softmax", "lucid", "gated_deltanet", "nats_l", "linear"]
 
 
-def main(out: str, d: str, vocab: str) -> None:
+def collect(out: str, d: str, vocab: str) -> dict:
+  """variant -> 'T<t>_P<pairs>' -> final accuracy, steps and eval curve, from the workdirs."""
   results = {}
   for wd in sorted(glob.glob(os.path.join(out, f"*_d{d}_v{vocab}"))):
     m = re.match(r"(.+)_T(\d+)_P(\d+)_d\d+_v\d+$", os.path.basename(wd))
@@ -34,10 +36,19 @@ def main(out: str, d: str, vocab: str) -> None:
         "steps": curve[-1][0],
         "curve": curve,
       }
+  return results
+
+
+def main(out: str, d: str, vocab: str) -> None:
+  if out == "-":
+    with open(os.path.join(HERE, f"results_d{d}_v{vocab}.json")) as f:
+      results = json.load(f)
+  else:
+    results = collect(out, d, vocab)
   with open(os.path.join(HERE, f"results_d{d}_v{vocab}.json"), "w") as f:
     json.dump(results, f, indent=1)
   settings = sorted(
-    {k for r in results.values() for k in r}, key=lambda s: int(s[1:].split("_")[0])
+    {k for r in results.values() for k in r}, key=lambda s: tuple(map(int, s[1:].split("_P")))
   )
   lines = ["| variant | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
   for v in [v for v in ORDER if v in results]:
@@ -57,24 +68,34 @@ def main(out: str, d: str, vocab: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(10, 3.6))
-  for v in [v for v in ORDER if v in results]:
+  settings_by_pairs = sorted({(r["pairs"], r["T"]) for v in results.values() for r in v.values()})
+  fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(11, 3.8))
+  styles = ["-", "--", ":", "-."]
+  for i, v in enumerate([v for v in ORDER if v in results]):
+    color = f"C{i}"
     pts = sorted((r["pairs"], r["final_accuracy"]) for r in results[v].values())
-    ax.plot(*zip(*pts), marker="o", label=v)
-    for r in results[v].values():
-      ax_curve.plot(*zip(*r["curve"]), marker=".", label=f"{v}, {r['pairs']} pairs")
-  ts = sorted({r["T"] for v in results.values() for r in v.values()})
+    ax.plot(*zip(*pts), marker="o", color=color, label=v)
+    for r in sorted(results[v].values(), key=lambda r: r["pairs"]):
+      style = styles[[p for p, _ in settings_by_pairs].index(r["pairs"]) % len(styles)]
+      ax_curve.plot(*zip(*r["curve"]), marker=".", color=color, ls=style, lw=1)
+  pairs = [p for p, _ in settings_by_pairs]
   ax.set(
     xscale="log",
-    xlabel=f"key-value pairs (T = {ts})",
+    xlabel="key-value pairs (" + ", ".join(f"{p} at T={t}" for p, t in settings_by_pairs) + ")",
     ylabel="final eval accuracy",
     title=f"MQAR, vocab {vocab}, d_model {d}, 2 layers",
     ylim=(-0.02, 1.02),
   )
-  ax.set_xticks([4, 8, 16], ["4", "8", "16"])
-  ax_curve.set(xlabel="step", ylabel="eval accuracy", ylim=(-0.02, 1.02), title="per run")
-  ax_curve.legend(fontsize=7)
+  ax.set_xticks(pairs, [str(p) for p in pairs])
+  ax.minorticks_off()
   ax.legend(fontsize=8)
+  ax_curve.set(xlabel="step", ylabel="eval accuracy", ylim=(-0.02, 1.02))
+  ax_curve.set_title(
+    "per run (colour: variant; line: "
+    + ", ".join(f"{styles[i % len(styles)]!s} {p} pairs" for i, p in enumerate(pairs))
+    + ")",
+    fontsize=9,
+  )
   fig.tight_layout()
   fig.savefig(os.path.join(HERE, f"mqar_d{d}_v{vocab}.png"), dpi=110)
 
