@@ -135,40 +135,45 @@ def cpu(args) -> None:
     print(sweep[-1], flush=True)
 
   tpu = _tpu_memory(args) if "tpu_memory" in args.sections else []
-  md = [
-    f"# LUCID and NAtS-L vs softmax, xla path, fwd+bwd (B={b}, H={h}, D={d}, block {block})\n",
-    _timing.markdown_table(
-      ["T", "softmax s", "LUCID s", "NAtS-L s", "LUCID/softmax", "NAtS-L/softmax"],
-      [
-        [r["t"], r["softmax_s"], r["lucid_s"], r["nats_l_s"], r["lucid_ratio"], r["nats_l_ratio"]]
-        for r in rows
-      ],
-    ),  # fmt: skip
-    f"\n\n# NAtS-L block-sparse softmax vs attention-block fraction (T={t}, fwd+bwd)\n",
-    _timing.markdown_table(
-      [
-        "fraction",
-        "xla s",
-        "xla temp MiB",
-        "kernel tiles fwd/dq",
-        "kernel tiles dkv",
-        "causal tiles",
-        "kernel tile share",
-      ],
-      [
+  md = []
+  if rows:
+    md += [
+      f"# LUCID and NAtS-L vs softmax, xla path, fwd+bwd (B={b}, H={h}, D={d}, block {block})\n",
+      _timing.markdown_table(
+        ["T", "softmax s", "LUCID s", "NAtS-L s", "LUCID/softmax", "NAtS-L/softmax"],
         [
-          r["fraction"],
-          r["xla_s"],
-          r["xla_temp_mib"],
-          r["kernel_tiles_fwd"],
-          r["kernel_tiles_dkv"],
-          r["dense_causal_tiles"],
-          r["kernel_tile_share"],
-        ]
-        for r in sweep
-      ],
-    ),  # fmt: skip
-  ]
+          [r["t"], r["softmax_s"], r["lucid_s"], r["nats_l_s"], r["lucid_ratio"], r["nats_l_ratio"]]
+          for r in rows
+        ],
+      ),  # fmt: skip
+    ]
+  if sweep:
+    md += [
+      f"\n\n# NAtS-L block-sparse softmax vs attention-block fraction (T={t}, fwd+bwd)\n",
+      _timing.markdown_table(
+        [
+          "fraction",
+          "xla s",
+          "xla temp MiB",
+          "kernel tiles fwd/dq",
+          "kernel tiles dkv",
+          "causal tiles",
+          "kernel tile share",
+        ],
+        [
+          [
+            r["fraction"],
+            r["xla_s"],
+            r["xla_temp_mib"],
+            r["kernel_tiles_fwd"],
+            r["kernel_tiles_dkv"],
+            r["dense_causal_tiles"],
+            r["kernel_tile_share"],
+          ]
+          for r in sweep
+        ],
+      ),  # fmt: skip
+    ]
   if tpu:
     md += [
       "\n\n# Compiled for one TPU chip, fwd+bwd, bf16: temporaries and compile time"
