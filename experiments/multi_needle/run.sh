@@ -6,6 +6,9 @@
 # the setting (README, setting B: T=256 NEEDLES=16 QUERIES=4).
 # Usage: bash experiments/multi_needle/run.sh [variants] [steps] [seeds]
 #        T=256 NEEDLES=16 QUERIES=4 bash experiments/multi_needle/run.sh "softmax lucid" 1000
+# TAG and EXTRA name and configure an ablation, e.g. the positional encoding swapped:
+#        TAG=_rope EXTRA=--config.model.rope=True T=256 ... run.sh lucid 1000
+#        TAG=_nope EXTRA=--config.model.rope=False T=256 ... run.sh softmax 1000
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VARIANTS=${1:-"softmax lucid"}
@@ -21,11 +24,11 @@ else
 fi
 for seed in $SEEDS; do
   for v in $VARIANTS; do
-    wd=$OUT/${v}_seed${seed}
+    wd=$OUT/${v}${TAG:-}_seed${seed}
     [ -f "$wd/metrics.jsonl" ] && grep -q "\"step\": $STEPS" "$wd/metrics.jsonl" && continue
     python -m attnlab.train --config=configs/tiny.py:attention=$v,task=multi_needle,steps=$STEPS \
       --config.seed=$seed --config.data.seq_len=$T --config.data.num_kv_pairs=$NEEDLES \
-      --config.data.num_queries=$QUERIES --config.data.batch_size=16 --config.checkpoint_every=100000 \
+      --config.data.num_queries=$QUERIES ${EXTRA:-} --config.data.batch_size=16 --config.checkpoint_every=100000 \
       --workdir=$wd 2>&1 | grep -E "eval|Error|error" || true
   done
 done

@@ -26,8 +26,12 @@ THRESHOLD = 0.9
 
 def _setting(workdir: str) -> str:
   with open(os.path.join(workdir, "config.json")) as f:
-    data = json.load(f)["data"]
-  return f"T={data['seq_len']}, {data['num_kv_pairs']} needles, {data['num_queries']} queried"
+    config = json.load(f)
+  data = config["data"]
+  return (
+    f"T={data['seq_len']}, {data['num_kv_pairs']} needles, {data['num_queries']} queried, "
+    f"{config['total_steps']} steps"
+  )
 
 
 def _steps_to(curve: list, threshold: float) -> int | None:
@@ -106,7 +110,12 @@ def main(outs: list[str]) -> None:
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
-  colours = {"softmax": "tab:blue", "lucid": "tab:red"}
+  colours = {
+    "softmax": "tab:blue",
+    "lucid": "tab:red",
+    "softmax_nope": "tab:cyan",
+    "lucid_rope": "tab:orange",
+  }
   for ax, (setting, runs) in zip(axes[0], settings.items()):
     for v, by_seed in sorted(runs.items()):
       for i, (_seed, curve) in enumerate(sorted(by_seed.items())):
