@@ -7,9 +7,9 @@ fused into the tiles, each diagonal block inverted in the kernel. Products
 are float32-accurate, never TF32: by default (`precision='bf16x6'`) each is
 six bf16 tensor-core products (`_solve.bf16x6_dot`); `precision='ieee'` is
 Triton's IEEE float32 dot, which compiles to FMA loops (on the 2026-11-30
-H200 its forward took 39 s to compile). K, V and V′ stay in global memory and stream through
-the tiles; a block written by one row sweep is read back by later rows of the
-same program, so a CTA barrier follows each row's stores.
+H200 its forward took 39 s to compile). K, V and V′ stay in global memory
+and stream through the tiles; a block written by one row sweep is read back
+by later rows of the same program, so a CTA barrier follows each row's stores.
 
 The parallelism is batch × kv_heads programs, each serial over T/block
 rows: enough to fill an H200 only at batch · kv_heads ≳ 100; below that the
