@@ -6,6 +6,8 @@
 # under load, and at VOCAB=512 softmax was still at 0.155 accuracy after 200 steps.
 # TOKENS_PER_STEP (if set) fixes batch x T, so every setting sees the same number of
 # tokens (and, with pairs proportional to T, of key-value pairs) per step.
+# TAG names a variant's run apart, EXTRA adds overrides: e.g. TAG=_3000steps for a longer
+# run, or TAG=_nope EXTRA=--config.model.rope=False for softmax without RoPE.
 # Usage: bash experiments/zoology_mqar/run.sh [variants] [steps]
 #   e.g. bash experiments/zoology_mqar/run.sh "softmax linear gated_deltanet lucid nats_l" 300
 #   Zoology's grid at vocab 8192 (README, grid B):
@@ -22,7 +24,7 @@ OUT=${OUT:-runs/experiments/zoology_mqar}
 for setting in $SETTINGS; do
   T=${setting%:*}; P=${setting#*:}
   for v in $VARIANTS; do
-    wd=$OUT/${v}_T${T}_P${P}_d${D}_v${VOCAB}
+    wd=$OUT/${v}${TAG:-}_T${T}_P${P}_d${D}_v${VOCAB}
     batch=()
     [ -n "${TOKENS_PER_STEP:-}" ] && batch=(--config.data.batch_size=$((TOKENS_PER_STEP / T)))
     [ -f "$wd/metrics.jsonl" ] && grep -q "\"step\": $STEPS" "$wd/metrics.jsonl" && continue
@@ -30,7 +32,7 @@ for setting in $SETTINGS; do
       --config.data.vocab_size=$VOCAB \
       --config.data.seq_len=$T --config.data.num_kv_pairs=$P \
       --config.model.d_model=$D --config.model.mlp_dim=$((2 * D)) \
-      "${batch[@]}" --config.checkpoint_every=100000 --workdir=$wd 2>&1 | grep -E "eval|Error|error" || true
+      "${batch[@]}" ${EXTRA:-} --config.checkpoint_every=100000 --workdir=$wd 2>&1 | grep -E "eval|Error|error" || true
   done
 done
 python experiments/zoology_mqar/summarize.py "$OUT" "$D" "$VOCAB"

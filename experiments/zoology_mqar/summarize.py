@@ -2,6 +2,9 @@
 
 python experiments/zoology_mqar/summarize.py runs/experiments/zoology_mqar 64 8192
 python experiments/zoology_mqar/summarize.py - 64 64   # redraw from the committed JSON
+
+Runs found in the workdirs are merged into the committed JSON (a run found replaces the
+same variant and setting there), so settings run in different sessions add up.
 """
 
 from __future__ import annotations
@@ -40,18 +43,22 @@ def collect(out: str, d: str, vocab: str) -> dict:
 
 
 def main(out: str, d: str, vocab: str) -> None:
-  if out == "-":
-    with open(os.path.join(HERE, f"results_d{d}_v{vocab}.json")) as f:
+  path = os.path.join(HERE, f"results_d{d}_v{vocab}.json")
+  results = {}
+  if os.path.exists(path):
+    with open(path) as f:
       results = json.load(f)
-  else:
-    results = collect(out, d, vocab)
-  with open(os.path.join(HERE, f"results_d{d}_v{vocab}.json"), "w") as f:
+  if out != "-":
+    for variant, runs in collect(out, d, vocab).items():
+      results.setdefault(variant, {}).update(runs)
+  with open(path, "w") as f:
     json.dump(results, f, indent=1)
   settings = sorted(
     {k for r in results.values() for k in r}, key=lambda s: tuple(map(int, s[1:].split("_P")))
   )
   lines = ["| variant | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
-  for v in [v for v in ORDER if v in results]:
+  variants = [v for v in ORDER if v in results] + sorted(set(results) - set(ORDER))
+  for v in variants:
     cells = [
       f"{results[v][s]['final_accuracy']:.3f} (step {results[v][s]['steps']})"
       if s in results[v]
@@ -71,7 +78,7 @@ def main(out: str, d: str, vocab: str) -> None:
   settings_by_pairs = sorted({(r["pairs"], r["T"]) for v in results.values() for r in v.values()})
   fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(11, 3.8))
   styles = ["-", "--", ":", "-."]
-  for i, v in enumerate([v for v in ORDER if v in results]):
+  for i, v in enumerate(variants):
     color = f"C{i}"
     pts = sorted((r["pairs"], r["final_accuracy"]) for r in results[v].values())
     ax.plot(*zip(*pts), marker="o", color=color, label=v)
