@@ -17,8 +17,9 @@ CPU mode (one process, side by side, on the shared CPU):
      pallas_tpu kernels (LUCID's solve, NAtS-L's block-sparse softmax and its
      block-gated delta rule), forward+backward, bf16.
 GPU mode: kernel vs xla errors at bf16, then forward+backward time of our
-softmax kernel, LUCID (xla solve or solve kernel, plus the softmax kernel)
-and NAtS-L's block-sparse kernel at fractions 0, 0.5, 1 (and its xla path).
+softmax kernel, LUCID (xla solve or solve kernel, plus the softmax kernel),
+NAtS-L's block-sparse kernel at fractions 0, 0.5, 1 (and its xla path), and
+the whole NAtS-L op (delta-rule kernel + block-sparse kernel) at fraction 0.5.
 LUCID's solve kernel runs in both GPU precisions ('bf16x6', the default, and
 'ieee'); each row records its compile time (`compile_s`) as well.
 """
@@ -78,9 +79,9 @@ def _programs(
     return ops.softmax_attention(q, k, v_prime.astype(q.dtype), implementation=impl)
 
   def nats(q, k, v):
-    # The delta rule always runs xla here: its kernel is another issue's.
+    # The delta rule runs the state-pass kernel of the same backend as the softmax part.
     o_delta = ops.block_gated_delta_rule(
-      unit(q), unit(k), v, g, beta, 1.0 - vis, block_size=block, implementation="xla"
+      unit(q), unit(k), v, g, beta, 1.0 - vis, block_size=block, implementation=impl
     )
     o_attn = ops.block_sparse_softmax(q, k, v, vis, block_size=block, implementation=impl)
     return o_delta + o_attn
@@ -323,6 +324,7 @@ def gpu(args) -> None:
     cases = [("softmax", "pallas_gpu", None, 0.5, None), ("lucid", "pallas_gpu", "xla", 0.5, None),
              ("lucid", "pallas_gpu", "pallas_gpu", 0.5, bf16x6)]  # fmt: skip
     cases += [("block_sparse_softmax", "pallas_gpu", None, f, None) for f in (0.0, 0.5, 1.0)]
+    cases.append(("nats_l", "pallas_gpu", None, 0.5, None))  # delta kernel + sparse softmax
     if t <= 4096:
       cases.append(("block_sparse_softmax", "xla", None, 0.5, None))
     cases.append(("lucid", "pallas_gpu", "pallas_gpu", 0.5, ieee))  # last: slow to compile
