@@ -51,9 +51,12 @@ class CompilerUnavailable(RuntimeError):
 
 @functools.cache
 def cuda_mesh() -> jax.sharding.Mesh:
-  """A one-device mesh on a deviceless H100."""
+  """A one-device mesh on a deviceless H100, or on this host's GPU where it has one
+  (`gpu_check.sh` cross-checks the deviceless figures with the device's own compile)."""
   from jax.experimental import topologies
 
+  if jax.default_backend() == "gpu":
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
   if os.environ.get("JAX_PLATFORMS", "") != "cpu":
     raise CompilerUnavailable(
       "the deviceless CUDA compiler needs JAX_PLATFORMS=cpu set before jax is imported"
@@ -326,6 +329,7 @@ def compile_cuda(fn: Callable, args: Sequence, *, sass: bool = True) -> dict:
       match = re.search(r"\.entry\s+(\w+)\(", ptx.read_text())
       if match:
         ptx_of[match.group(1)] = ptx
+    device = mesh.devices.flat[0].device_kind
     kernels, seen = [], set()
     for launch in launches:
       name = launch["name"]
@@ -335,7 +339,7 @@ def compile_cuda(fn: Callable, args: Sequence, *, sass: bool = True) -> dict:
       if name not in ptx_of:
         raise RuntimeError(f"{name}: launched but no PTX in XLA's dump")
       cubin = dump / f"{name}.cubin"
-      row = {"kernel": name, **ptxas_info(ptx_of[name], cubin)}
+      row = {"kernel": name, "device": device, **ptxas_info(ptx_of[name], cubin)}
       row.update(sass_stats(cubin, cuobjdump))
       row.update(grid=launch["grid"], threads=launch["threads"],
                  shared_memory_bytes=launch["shared_memory_bytes"])  # fmt: skip

@@ -49,10 +49,18 @@ def causal_flops(batch: int, heads: int, t: int, d: int, mode: str) -> float:
 def _attention(variant: str, **options):
   """f(q, k, v) -> out for a variant name '<kind>/<implementation>'."""
   kind, impl = variant.split("/")
-  if impl == "tokamax":
-    import tokamax  # optional dependency
+  if impl.startswith("tokamax"):
+    import tokamax  # optional dependency (a wheel carried in .wheels/)
 
-    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True)
+    # 'tokamax': its own choice; 'tokamax_triton' / 'tokamax_mosaic': that backend.
+    choice = impl.partition("_")[2] or None
+    return lambda q, k, v: tokamax.dot_product_attention(
+      q, k, v, is_causal=True, implementation=choice
+    )
+  if impl == "xla_bf16":  # jax's own XLA attention on the bf16 inputs (no upcast)
+    return lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="xla"
+    )
   if impl == "pallas_tpu_hlo":
     from attnlab.ops.softmax import pallas_tpu
 
@@ -90,19 +98,59 @@ def _inputs(batch, t, heads, d, dtype, seed=0):
   return [jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys]
 
 
-def measure(variant, mode, batch, t, heads, d, dtype, options=None, **timing) -> dict:
+FORWARD_TOL, GRAD_TOL = 2e-2, 4e-2  # relative to the largest reference entry (bf16)
+
+
+def check_at_shape(variant: str, mode: str, q, k, v, cot, got, heads: int = 1) -> dict:
+  """The variant's output (fwd) or gradients (fwdbwd) at the benchmark shape
+  against the float32 xla path (at float32 matmul precision: Hopper's default
+  TF32 would make the reference worse than a bf16 kernel at LSSAR p=15) on
+  batch 0 and the first `heads` heads, which no other head influences. Returns
+  {"check": "PASS" | "FAIL", "check_errors": {...}}."""
+  kind = variant.split("/")[0]
+  part = lambda x: x[:1, :, :heads].astype(jnp.float32)
+  ref = _program(f"{kind}/xla", mode, part(cot))
+  with jax.default_matmul_precision("float32"):
+    want = ref(part(q), part(k), part(v))
+  names = ("out",) if mode == "fwd" else ("dq", "dk", "dv")
+  got = (got,) if mode == "fwd" else got
+  want = (want,) if mode == "fwd" else want
+  errors = {}
+  for name, g, w in zip(names, got, want):
+    g = np.asarray(part(g), np.float32)
+    w = np.asarray(w, np.float32)
+    errors[name] = float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30))
+    if not np.all(np.isfinite(g)):
+      errors[name] = float("inf")
+  tol = FORWARD_TOL if mode == "fwd" else GRAD_TOL
+  return {"check": "PASS" if max(errors.values()) <= tol else "FAIL", "check_errors": errors}
+
+
+def measure(variant, mode, batch, t, heads, d, dtype, options=None, check=True, **timing) -> dict:
+  """One variant at one shape: checked against the reference at this shape first
+  (a failing check is reported, not timed), then timed on the device (`device_s`:
+  many calls in one jitted loop, `_timing.device_time`) with the wall clock of a
+  single call beside it (`median_s`). TFLOP/s use the device time."""
   row = dict(variant=variant, mode=mode, batch=batch, t=t, heads=heads, d=d)
   if options:
     row["options"] = {k: str(v) for k, v in options.items()}
   try:
     q, k, v, cot = _inputs(batch, t, heads, d, dtype)
-    result = _timing.time_fn(_program(variant, mode, cot, **(options or {})), (q, k, v), **timing)
+    program = _program(variant, mode, cot, **(options or {}))
+    if check and not variant.endswith("/xla"):
+      row.update(check_at_shape(variant, mode, q, k, v, cot, program(q, k, v)))
+      if row["check"] == "FAIL":
+        row["error"] = f"wrong at this shape: {row['check_errors']}"
+        return row
+    result = _timing.time_fn(program, (q, k, v), device=True, **timing)
   except Exception as error:  # noqa: BLE001 - a failing variant must not stop the sweep
     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
     row["traceback"] = traceback.format_exc(limit=4)[-2000:]
     return row
   row.update(result)
-  row["tflops"] = causal_flops(batch, heads, t, d, mode) / result["median_s"] / 1e12
+  flops = causal_flops(batch, heads, t, d, mode)
+  row["tflops"] = flops / result["device_s"] / 1e12
+  row["tflops_wall"] = flops / result["median_s"] / 1e12
   return row
 
 
@@ -116,7 +164,7 @@ def _gpu_plan(lengths, dims, variants):
     for t in lengths:
       for variant in variants:
         kind, impl = variant.split("/")
-        if impl == "xla" and t > 4096:
+        if impl in ("xla", "xla_bf16") and t > 4096:
           continue  # dense T×T logits: quadratic memory
         if kind == "lssa" and (d != 128 or t != 8192):
           continue
@@ -147,8 +195,9 @@ def _sweep_candidates():
 
 def _gpu_report(rows, env, budget_note, args, sweep=()):
   header = [
-    "D", "T", "B×H", "mode", "ours TFLOP/s", "cuDNN", "ours/cuDNN", "XLA", "ours/XLA",
-    "tokamax", "ours/tokamax", "LSSAR15 TFLOP/s", "LSSAR15 time / ours",
+    "D", "T", "B×H", "mode", "ours TFLOP/s", "(wall)", "cuDNN", "ours/cuDNN", "XLA bf16",
+    "ours/XLA bf16", "tokamax", "ours/tokamax", "tokamax Triton", "tokamax Mosaic",
+    "LSSAR15 TFLOP/s", "LSSAR15 time / ours", "LSSA time / ours",
   ]  # fmt: skip
   table, ratios = [], []
 
@@ -160,21 +209,25 @@ def _gpu_report(rows, env, budget_note, args, sweep=()):
 
   keys = sorted({(r["d"], r["t"], r["mode"]) for r in rows})
   for d, t, mode in keys:
-    ours, cudnn, xla_, tok, lssar = (
+    ours, cudnn, xla_, tok, tok_triton, tok_mosaic, lssar, lssa = (
       _lookup(rows, variant, mode, d, t)
-      for variant in ("softmax/pallas_gpu", "softmax/cudnn", "softmax/xla", "softmax/tokamax",
-                      "lssar15/pallas_gpu")
+      for variant in ("softmax/pallas_gpu", "softmax/cudnn", "softmax/xla_bf16",
+                      "softmax/tokamax", "softmax/tokamax_triton", "softmax/tokamax_mosaic",
+                      "lssar15/pallas_gpu", "lssa/pallas_gpu")
     )  # fmt: skip
     time_ratio = ratio(ours, lssar)  # equal FLOP counts: a throughput ratio is a time ratio
     any_row = ours or cudnn or lssar
     bh = f"{any_row['batch']}×{any_row['heads']}" if any_row else None
+    wall = None if ours is None else ours.get("tflops_wall")
     table.append([
-      d, t, bh, mode, tflops(ours), tflops(cudnn), ratio(ours, cudnn), tflops(xla_),
-      ratio(ours, xla_), tflops(tok), ratio(ours, tok), tflops(lssar), time_ratio,
+      d, t, bh, mode, tflops(ours), wall, tflops(cudnn), ratio(ours, cudnn), tflops(xla_),
+      ratio(ours, xla_), tflops(tok), ratio(ours, tok), tflops(tok_triton), tflops(tok_mosaic),
+      tflops(lssar), time_ratio, ratio(ours, lssa),
     ])  # fmt: skip
     ratios.append(dict(d=d, t=t, mode=mode, ours_over_cudnn=ratio(ours, cudnn),
-                       ours_over_xla=ratio(ours, xla_), ours_over_tokamax=ratio(ours, tok),
-                       lssar15_time_over_softmax=time_ratio))  # fmt: skip
+                       ours_over_xla_bf16=ratio(ours, xla_), ours_over_tokamax=ratio(ours, tok),
+                       lssar15_time_over_softmax=time_ratio,
+                       lssa_time_over_softmax=ratio(ours, lssa)))  # fmt: skip
   target = next((r for r in ratios if (r["d"], r["t"], r["mode"]) == (128, 8192, "fwdbwd")), {})
   lssa = _lookup(rows, "lssa/pallas_gpu", "fwdbwd", 128, 8192)
   errors = [
@@ -186,13 +239,18 @@ def _gpu_report(rows, env, budget_note, args, sweep=()):
   md = [
     f"# Causal attention kernels, bf16, on {env['device']}",
     "",
-    "TFLOP/s with the causal softmax FLOP count (fwd 2·B·H·T²·D, fwd+bwd 3.5×); ratios are "
-    f"throughput ratios (>1: ours faster). Batch = {args.tokens} tokens / T, heads = "
-    f"{args.width} / D. Ours: `pallas_gpu` (Pallas, Triton lowering) with default BlockSizes.",
+    "TFLOP/s with the causal softmax FLOP count (fwd 2·B·H·T²·D, fwd+bwd 3.5×) over the "
+    "device time (many calls in one jitted loop; '(wall)': ours over the wall clock of one "
+    "call, dispatch and sync included); ratios are throughput ratios (>1: ours faster). "
+    "Every variant was checked against the float32 xla path at its benchmark shape before it "
+    f"was timed. Batch = {args.tokens} tokens / T, heads = {args.width} / D. Ours: "
+    "`pallas_gpu` (Pallas, Triton lowering) with default BlockSizes; XLA bf16 = "
+    "`jax.nn.dot_product_attention(implementation='xla')` on the bf16 inputs.",
     "",
     "**Targets (D=128, T=8K, fwd+bwd)**: ours / cuDNN = "
     f"{fmt(target.get('ours_over_cudnn'))} (target ≥ 0.8); LSSAR p=15 time / our softmax time = "
-    f"{fmt(target.get('lssar15_time_over_softmax'))} (target ≤ 1.5)."
+    f"{fmt(target.get('lssar15_time_over_softmax'))} (target ≤ 1.5); LSSA time / our softmax "
+    f"time = {fmt(target.get('lssa_time_over_softmax'))} (target ≤ 1.3)."
     + ("" if lssa is None or "tflops" not in lssa else f" LSSA: {lssa['tflops']:.0f} TFLOP/s."),
     "",
     _timing.markdown_table(header, table),
@@ -213,14 +271,14 @@ def _gpu_report(rows, env, budget_note, args, sweep=()):
 
 
 def run_gpu(args) -> None:
-  variants = ["softmax/pallas_gpu", "softmax/cudnn", "softmax/xla", "lssar15/pallas_gpu"]
+  variants = ["softmax/pallas_gpu", "softmax/cudnn", "softmax/xla_bf16", "lssar15/pallas_gpu"]
   variants.append("lssa/pallas_gpu")
   try:
     import tokamax  # noqa: F401
 
-    variants.append("softmax/tokamax")
-  except ImportError:
-    print("tokamax does not import here; its column stays empty")
+    variants += ["softmax/tokamax", "softmax/tokamax_triton", "softmax/tokamax_mosaic"]
+  except ImportError as error:
+    print(f"tokamax does not import here ({error}); its columns stay empty")
   lengths = [int(x) for x in args.lengths.split(",")]
   dims = [int(x) for x in args.dims.split(",")]
   plan = _gpu_plan(lengths, dims, variants)

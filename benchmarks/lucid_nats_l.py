@@ -109,7 +109,7 @@ def cpu(args) -> None:
     for _repeat in range(args.repeats):  # interleaved repeats: the CPU is shared
       for name in ("softmax", "lucid", "nats_l"):
         fn, a = programs[name]
-        s = _timing.time_fn(fn, a, min_runs=3, min_seconds=args.min_seconds)["median_s"]
+        s = _timing.time_fn(fn, a, min_runs=3, min_seconds=args.min_seconds)["seconds"]
         times.setdefault(name, []).append(s)
     best = {name: min(s) for name, s in times.items()}
     rows.append(dict(t=t, **{f"{n}_s": s for n, s in best.items()},
@@ -128,7 +128,7 @@ def cpu(args) -> None:
     tiles = _sparse.visited_tiles(vis)
     sweep.append(dict(
       fraction=fraction, measured_fraction=float(vis[:, :-1].mean()) if n > 1 else 0.0,
-      xla_s=timing["median_s"], xla_temp_mib=memory.temp_size_in_bytes / 2**20,
+      xla_s=timing["seconds"], xla_temp_mib=memory.temp_size_in_bytes / 2**20,
       kernel_tiles_fwd=tiles["forward"], kernel_tiles_dkv=tiles["dkv"],
       dense_causal_tiles=tiles["dense_causal"],
       kernel_tile_share=(2 * tiles["forward"] + tiles["dkv"]) / (3 * tiles["dense_causal"]),

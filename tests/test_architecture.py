@@ -45,7 +45,7 @@ LAYERS = (
     ),
   ),
 )
-BACKENDS = ("xla", "pallas_tpu", "pallas_gpu", "cudnn")
+BACKENDS = ("xla", "pallas_tpu", "pallas_gpu", "cudnn", "splash")
 
 
 def _module_name(path: pathlib.Path) -> str:

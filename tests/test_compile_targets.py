@@ -23,7 +23,7 @@ from tests.conftest import compile_for_tpu, lower_for_cuda, tpu_mesh, value_and_
 T = 1000  # not a multiple of any block: padding and masking are compiled too
 # Kernels in one forward and backward program: the forward (LSSAR's two
 # passes), then dq and dk/dv. Fewer means part of it ran on the XLA path.
-KERNELS = {"softmax": 3, "lssa": 3, "lssar": 5}
+KERNELS = {"softmax": 3, "splash": 3, "lssa": 3, "lssar": 5}
 
 
 def _args(t, heads, kv_heads, d, dtype, batch=1):
@@ -34,8 +34,9 @@ def _args(t, heads, kv_heads, d, dtype, batch=1):
 
 
 def _op(kind, implementation):
-  """(f(q, k, v, ls), argnums) of the public op for a kernel kind."""
-  if kind == "softmax":  # GQA and SSA's per-query logit_scale (None: without)
+  """(f(q, k, v, ls), argnums) of the public op for a kernel kind ('splash':
+  softmax, which None sends to splash attention on TPU)."""
+  if kind in ("softmax", "splash"):  # GQA and SSA's per-query logit_scale (None: without)
     f = lambda q, k, v, ls: ops.softmax_attention(
       q, k, v, logit_scale=ls, implementation=implementation
     )
@@ -58,6 +59,9 @@ TPU_CASES = [
   ("v6e:2x2", "softmax", jnp.bfloat16, 64),
   ("v6e:2x2", "lssa", jnp.bfloat16, 128),
   ("v6e:2x2", "lssar", jnp.float32, 68),
+  ("v5e:2x2", "splash", jnp.float32, 68),
+  ("v5p:2x2x1", "splash", jnp.bfloat16, 64),
+  ("v6e:2x2", "splash", jnp.bfloat16, 128),
 ]
 
 
@@ -65,8 +69,9 @@ TPU_CASES = [
 @pytest.mark.parametrize("topology,kind,dtype,d", TPU_CASES)
 def test_tpu_kernel_compiles(topology, kind, dtype, d):
   # implementation=None: the op must pick the TPU kernel because the program is
-  # compiled for a TPU, although this process's backend is the CPU.
-  f, argnums = _op(kind, None)
+  # compiled for a TPU, although this process's backend is the CPU. Softmax's
+  # None is splash attention ('splash' cases); our flash kernel is named.
+  f, argnums = _op(kind, "pallas_tpu" if kind == "softmax" else None)
   compiled, hlo = compile_for_tpu(value_and_grads(f, argnums), _args(T, 8, 2, d, dtype), topology)
   assert hlo.count("tpu_custom_call") == KERNELS[kind], "XLA compiled instead of a Mosaic kernel"
   memory = compiled.memory_analysis()
@@ -110,11 +115,11 @@ def test_dispatch_follows_the_compile_target():
   picked.clear()
   with jax.set_mesh(mesh):  # a TPU mesh in context
     jax.jit(spy).lower(q)
-  assert picked == {"target": "tpu", "softmax": "pallas_tpu"}
+  assert picked == {"target": "tpu", "softmax": "splash"}
   picked.clear()  # else the mesh case's answer would pass for this one
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   jax.jit(spy).lower(jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=sharding))  # in_shardings
-  assert picked == {"target": "tpu", "softmax": "pallas_tpu"}
+  assert picked == {"target": "tpu", "softmax": "splash"}
   assert _dispatch.interpret_default("tpu", jnp.zeros(3)) is True  # host arrays: interpret
   assert _dispatch.interpret_default("cpu", jnp.zeros(3)) is False
 

@@ -67,14 +67,18 @@ LOG2_E = 1.4426950408889634
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (powers of two). Defaults follow common Hopper FA2 settings."""
+  """Tile sizes (powers of two). Defaults follow common Hopper FA2 settings, but
+  dk/dv on 64×64 tiles (tokamax's tuned H100 backward tile): with a 128-row
+  kv tile the dk/dv kernel spilled 556 / 760 bytes a thread at D = 128 / 64
+  (softmax, H100 compile, `benchmarks/results/kernel_report_baseline_*`);
+  64×64 removes the spill (`benchmarks/gpu_kernel_budgets.json`)."""
 
   block_q: int = 128
   block_k: int = 64
   block_q_dq: int = 128
   block_k_dq: int = 64
   block_q_dkv: int = 64
-  block_k_dkv: int = 128
+  block_k_dkv: int = 64
   num_warps: int | None = None  # None: 4 for head_dim <= 64, else 8
   num_stages: int = 2
 

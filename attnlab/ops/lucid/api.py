@@ -19,6 +19,11 @@ _VALUES = _dispatch.Dispatch(
 )
 
 
+# Backends of the softmax part only: LUCID's attention names them for its
+# softmax over V′; V′ itself then takes the path these stand for.
+SOFTMAX_ONLY = {"cudnn": "xla", "splash": None}
+
+
 def _kernel_fits(impl: str, k: jax.Array, v: jax.Array) -> bool:
   """The kernels keep a head's whole sequence on chip (TPU) or need Triton's shapes (GPU)."""
   if impl == "pallas_gpu":
@@ -63,7 +68,9 @@ def lucid_values(
       'reference' (the token recurrence), or 'pallas_tpu' / 'pallas_gpu'
       (one program per (batch, kv head) solving the whole sequence in the
       kernel, custom VJP by the transposed solve; interpreted off their
-      hardware; float32 inside).
+      hardware; float32 inside). The softmax-only names of
+      `lucid_attention` are accepted too: 'cudnn' solves on 'xla', 'splash'
+      as None does.
     kernel_options: passed to a kernel (e.g. `interpret`).
 
   Returns:
@@ -75,6 +82,7 @@ def lucid_values(
     raise ValueError("context_keys and context_values go together")
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
+  implementation = SOFTMAX_ONLY.get(implementation, implementation)
   impl = _VALUES.choose(implementation, k, v)
   dtype = _dtypes.compute_dtype(k, v)
   cast = lambda a: None if a is None else jnp.asarray(a, dtype)
@@ -115,7 +123,7 @@ def lucid_attention(
   Returns:
     [batch, time, heads, head_dim_v] in q.dtype.
   """
-  # The softmax part can run on a flash kernel, V′ on the solve kernel of the same backend.
-  values_impl = implementation if implementation != "cudnn" else "xla"
-  v_prime = lucid_values(k, v, eps=eps, block_size=block_size, implementation=values_impl)
+  # The softmax part can run on a flash kernel, V′ on the solve kernel of the same
+  # backend (softmax-only names: see `lucid_values`).
+  v_prime = lucid_values(k, v, eps=eps, block_size=block_size, implementation=implementation)
   return softmax_attention(q, k, v_prime, scale=scale, implementation=implementation)

@@ -245,7 +245,7 @@ def block_sparse_softmax(
   block_size: int,
   scale: float,
   interpret: bool | None = None,
-  num_warps: int = 4,
+  num_warps: int = 8,
   num_stages: int = 2,
 ) -> jax.Array:
   """See `attnlab.ops.block_sparse_softmax`; one [block, block] tile per block pair.
@@ -255,7 +255,9 @@ def block_sparse_softmax(
     block_visible: [batch, num_blocks, heads] gates (> 0: attention-typed).
     block_size: tokens per block, a power of two >= 16.
     interpret: None (interpret unless compiling for GPU) or a bool.
-    num_warps, num_stages: Triton launch parameters.
+    num_warps, num_stages: Triton launch parameters. 8 warps: with 4 the dk/dv
+      kernel spilled 104 bytes a thread at D = 128 (H100 compile, 2026-12-07);
+      with 8 no kernel spills (`benchmarks/gpu_kernel_budgets.json`).
 
   Returns:
     [batch, time, heads, head_dim_v] in q's dtype.

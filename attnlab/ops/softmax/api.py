@@ -2,8 +2,14 @@
 
 Implementations: 'xla' (dense, any backend), 'reference' (per-query oracle),
 'pallas_tpu' and 'pallas_gpu' (flash kernels, `attnlab.ops.flash`; on other
-backends they run in interpret mode) and 'cudnn'
-(`jax.nn.dot_product_attention`, GPU only). The kernel paths serve full
+backends they run in interpret mode), 'splash' (jax's splash attention
+kernel, TPU; interpreted elsewhere) and 'cudnn'
+(`jax.nn.dot_product_attention`, GPU only).
+
+The rule of `implementation=None`: on GPU cuDNN where it takes the inputs,
+else our flash kernel; on TPU splash attention, which MaxText runs at scale,
+until a TPU measurement shows our flash kernel ahead (ours stays selectable as
+'pallas_tpu'); 'xla' on other backends and for float64. The kernel paths serve full
 sequences; `softmax_attention_cached` (prefill chunks, decoding) runs 'xla'
 for them.
 """
@@ -17,7 +23,10 @@ from attnlab.ops import _dispatch
 
 def _eligible(kernel: str, arrays) -> bool:
   """cuDNN's limits: one 16-bit dtype, head_dim <= 128 and a multiple of 8,
-  equal q/v head dims. The Pallas kernels take any KERNEL_DTYPES input."""
+  equal q/v head dims; splash's: not under jax_enable_x64. Our Pallas kernels
+  take any KERNEL_DTYPES input."""
+  if kernel == "splash":
+    return not jax.config.jax_enable_x64
   if kernel != "cudnn":
     return True
   q, k, v = arrays[:3]
@@ -31,8 +40,8 @@ def _eligible(kernel: str, arrays) -> bool:
 _DISPATCH = _dispatch.Dispatch(
   op="softmax_attention",
   package="attnlab.ops.softmax",
-  implementations=("xla", "reference", "pallas_tpu", "pallas_gpu", "cudnn"),
-  preferred={"tpu": ("pallas_tpu",), "gpu": ("cudnn", "pallas_gpu")},
+  implementations=("xla", "reference", "pallas_tpu", "pallas_gpu", "cudnn", "splash"),
+  preferred={"tpu": ("splash", "pallas_tpu"), "gpu": ("cudnn", "pallas_gpu")},
   eligible=_eligible,
 )
 
@@ -75,9 +84,10 @@ def softmax_attention(
     scale: logit scale, default head_dim**-0.5.
     logit_scale: optional [batch, time, heads] multiplier of each query's
       logits (selective attention's temperature).
-    implementation: None (best for the platform compiled for: 'pallas_tpu'
+    implementation: None (best for the platform compiled for: 'splash'
       on TPU, 'cudnn' or 'pallas_gpu' on GPU, 'xla' elsewhere and for
-      float64), 'xla', 'reference', 'pallas_tpu', 'pallas_gpu' or 'cudnn'.
+      float64), 'xla', 'reference', 'pallas_tpu', 'pallas_gpu', 'splash' or
+      'cudnn'.
 
   Returns:
     [batch, time, heads, head_dim_v] in q.dtype.
