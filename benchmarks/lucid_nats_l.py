@@ -285,39 +285,40 @@ def gpu(args) -> None:
   rng = np.random.default_rng(0)
   b, h, d, block = 4, 16, 64, 64
 
-  # Correctness at bf16 (NAtS-L) and f32 inside (LUCID) against the xla path.
-  t = 1024
-  q, k, v = (_normal(rng, (b, t, h, d), jnp.bfloat16) for _ in range(3))
-  vis = _gates(rng, b, t // block, h, 0.5)
-  for op, fn, a in (
-    ("block_sparse_softmax", lambda impl, q, k, v, g: ops.block_sparse_softmax(
-      q, k, v, g, block_size=block, implementation=impl), (q, k, v, vis)),
-    ("lucid_values", lambda impl, k, v: ops.lucid_values(
-      k, v, block_size=block, implementation=impl), (k, v)),
-    ("lucid_values_ieee", lambda impl, k, v: ops.lucid_values(
-      k, v, block_size=block, implementation=impl,
-      **({"precision": "ieee"} if impl == "pallas_gpu" else {})), (k, v)),
-  ):  # fmt: skip
-    if budget.over():
-      print(recorder.add(dict(kind="skipped", op=op, t=t)), flush=True)
-      continue
-    try:
-      got, want = (
-        (
-          jax.jit(functools.partial(fn, impl))(*a),
-          *_fwd_bwd(functools.partial(fn, impl), len(a))(*a),
+  # Correctness at bf16 (NAtS-L) and f32 inside (LUCID) against the xla path, at every
+  # length that is timed below, before it is timed.
+  for t in args.gpu_lengths:
+    q, k, v = (_normal(rng, (b, t, h, d), jnp.bfloat16) for _ in range(3))
+    vis = _gates(rng, b, t // block, h, 0.5)
+    for op, fn, a in (
+      ("block_sparse_softmax", lambda impl, q, k, v, g: ops.block_sparse_softmax(
+        q, k, v, g, block_size=block, implementation=impl), (q, k, v, vis)),
+      ("lucid_values", lambda impl, k, v: ops.lucid_values(
+        k, v, block_size=block, implementation=impl), (k, v)),
+      ("lucid_values_ieee", lambda impl, k, v: ops.lucid_values(
+        k, v, block_size=block, implementation=impl,
+        **({"precision": "ieee"} if impl == "pallas_gpu" else {})), (k, v)),
+    ):  # fmt: skip
+      if budget.over():
+        print(recorder.add(dict(kind="skipped", op=op, t=t)), flush=True)
+        continue
+      try:
+        got, want = (
+          (
+            jax.jit(functools.partial(fn, impl))(*a),
+            *_fwd_bwd(functools.partial(fn, impl), len(a))(*a),
+          )
+          for impl in ("pallas_gpu", "xla")
         )
-        for impl in ("pallas_gpu", "xla")
-      )
-      errors = [
-        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-        / max(float(jnp.max(jnp.abs(y.astype(jnp.float32)))), 1e-30)
-        for x, y in zip(got, want)
-      ]
-      row = dict(kind="check", op=op, t=t, out_rel_error=errors[0], grad_rel_errors=errors[1:])
-      print(recorder.add(row), flush=True)
-    except Exception as error:  # noqa: BLE001 - record and go on
-      print(recorder.add(dict(kind="check", op=op, error=repr(error)[:500])), flush=True)
+        errors = [
+          float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+          / max(float(jnp.max(jnp.abs(y.astype(jnp.float32)))), 1e-30)
+          for x, y in zip(got, want)
+        ]
+        row = dict(kind="check", op=op, t=t, out_rel_error=errors[0], grad_rel_errors=errors[1:])
+        print(recorder.add(row), flush=True)
+      except Exception as error:  # noqa: BLE001 - record and go on
+        print(recorder.add(dict(kind="check", op=op, error=repr(error)[:500])), flush=True)
 
   for t in args.gpu_lengths:
     bf16x6, ieee = {"precision": "bf16x6"}, {"precision": "ieee"}
