@@ -52,3 +52,26 @@ def test_budget_check_flags_a_spilling_kernel():
   assert kernel_report.over_budget([row], zero) == [f"{key}: spill_stores 8 > 0"]
   assert "no budget" in kernel_report.over_budget([row], {})[0]
   assert kernel_report.over_budget([row], {key: {**zero[key], "spill_stores": 8}}) == []
+
+
+def test_report_command_writes_rows_and_tables(cuda, tmp_path):
+  """`python -m benchmarks.kernel_report` end to end on one small op family, both
+  compilers: JSON lines per kernel and the XLA part, and the Markdown made from them."""
+  out = tmp_path / "report.jsonl"
+  argv = ["--targets=h100,v5e", "--ops=nats_l", "--seq_lens=256", "--head_dims=64",
+          "--no_sass", f"--json={out}"]  # fmt: skip
+  try:
+    _compile_only.tpu_mesh("v5e:2x2")
+  except _compile_only.CompilerUnavailable as error:
+    pytest.skip(str(error))
+  assert kernel_report.main(argv) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  gpu = {r["kernel"] for r in rows if r["target"] == "h100"}
+  assert {"attnlab_nats_l_block_sparse_dkv", "attnlab_gdn_bwd", "(xla)"} <= gpu
+  tpu = [r for r in rows if r["target"] == "v5e" and r["kernel"] != "(xla)"]
+  assert tpu and all(r["grid_steps"] > 0 and r["hbm_bytes_per_step"] > 0 for r in tpu)
+  assert all(r["mosaic_calls"] == 3 for r in tpu)
+  table = out.with_suffix(".md").read_text()
+  assert "attnlab_nats_l_block_sparse_dkv" in table and "### TPU" in table
+  with pytest.raises(SystemExit, match="unknown targets"):
+    kernel_report.main(["--targets=h200"])
