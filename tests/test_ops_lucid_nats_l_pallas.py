@@ -312,6 +312,22 @@ def test_kernels_compile_for_tpu_v5e(which):
   assert compiled.memory_analysis() is not None
 
 
+@pytest.mark.parametrize("d", [64, 68])
+def test_lucid_kernel_vmem_limit_counts_lane_padding(d):
+  """T = 8K, D = 64 / 68 on v5p, through implementation=None: the VMEM limit must
+  count each [T, D] float32 buffer at its lane-padded width (128). Counted at D,
+  the limit was half the need and the backward failed to compile (found by
+  benchmarks.kernel_report, 2026-12-07)."""
+  from attnlab.ops.lucid import api
+
+  t = 8192
+  assert api.pallas_tpu_vmem_bytes(t, d, d) == 2 * 4 * t * 5 * 128
+  x = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
+  compiled, _ = compile_for_tpu(_fwd_bwd(lambda k, v: ops.lucid_values(k, v), 2), (x, x),
+                                "v5p:2x2x1")  # fmt: skip
+  assert compiled.as_text().count("tpu_custom_call") == 2
+
+
 def test_kernels_lower_for_cuda():
   for name, fn, args, kernels in _kernels(cuda=True):
     text = lower_for_cuda(_fwd_bwd(fn, len(args)), args)

@@ -230,3 +230,12 @@ def kernel_solve(call: Callable, fwd_kernel: Callable, bwd_kernel: Callable) -> 
 
   solve.defvjp(solve_fwd, solve_bwd)
   return solve
+
+
+LANES = 128  # TPU vector lanes: a [T, w] float32 buffer in VMEM takes ceil(w / 128) lane tiles
+
+
+def tpu_resident_vmem_bytes(t: int, widths) -> int:
+  """VMEM of float32 [t, w] buffers, one per width, double-buffered, each padded to whole
+  lane tiles (a head_dim of 64 or 68 still takes 128 lanes)."""
+  return 2 * 4 * t * sum(-(-w // LANES) * LANES for w in widths)

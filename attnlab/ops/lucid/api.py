@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.ops import _dispatch, _dtypes
+from attnlab.ops.lucid import _solve
 from attnlab.ops.softmax.api import softmax_attention
 
 _KERNELS = ("pallas_tpu", "pallas_gpu")
@@ -36,8 +37,10 @@ VMEM_BUDGET = 90 * 2**20  # under v5p's 95 MiB of VMEM per core
 
 
 def pallas_tpu_vmem_bytes(t: int, d: int, dv: int) -> int:
-  """VMEM the TPU kernel's backward holds: k, V′, dV′, dk, dV in float32, double-buffered."""
-  return 2 * 4 * t * (2 * d + 3 * dv)
+  """VMEM the TPU kernel's backward holds: k, V′, dV′, dk, dV in float32, double-buffered,
+  padded to whole lane tiles (without the padding, D = 64 at T = 8K was counted at half its
+  size and the kernel ran out of VMEM compiling for v5p: benchmarks.kernel_report, 2026-12-07)."""
+  return _solve.tpu_resident_vmem_bytes(t, (d, d, dv, dv, dv))
 
 
 def lucid_values(

@@ -68,7 +68,8 @@ def _bwd_kernel(k_ref, vp_ref, g_ref, dk_ref, dv_ref, *, cfg: _Config):
 def _call(kernel, cfg: _Config, inputs, out_widths, name: str):
   b, h, tp = inputs[0].shape[:3]
   spec = lambda w: pl.BlockSpec((None, None, tp, w), lambda b, h: (b, h, 0, 0))
-  resident = 2 * 4 * tp * (sum(x.shape[-1] for x in inputs) + sum(out_widths))
+  widths = [x.shape[-1] for x in inputs] + list(out_widths)
+  resident = _solve.tpu_resident_vmem_bytes(tp, widths)  # lane-padded, double-buffered
   vmem = min(96 * 2**20, max(32 * 2**20, resident + 8 * 2**20))
   return pl.pallas_call(
     functools.partial(kernel, cfg=cfg),
