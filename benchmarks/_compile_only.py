@@ -158,12 +158,15 @@ def pallas_calls(fn: Callable, args: Sequence, *, traffic: bool = False) -> list
       nbytes = _block_elements(mapping.block_shape) * aval.dtype.itemsize
       blocks.append({"origin": str(mapping.origin), "dtype": str(aval.dtype), "bytes": nbytes})
     steps = int(np.prod(grid)) if grid else 1
+    arrays = (var.aval for var in (*eqn.invars, *eqn.outvars))
     call = {
       "name": str(eqn.params.get("name") or "pallas_call"),
       "grid": list(grid),
       "grid_steps": steps,
       "hbm_bytes_per_step": sum(b["bytes"] for b in blocks),
       "blocks": blocks,
+      # Whole operands and results, for the XLA part's share of the program's bytes.
+      "array_bytes": sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays),
     }
     if traffic:
       total = 0
@@ -177,17 +180,6 @@ def pallas_calls(fn: Callable, args: Sequence, *, traffic: bool = False) -> list
       call["hbm_bytes_refetch_skipped"] = total
     calls.append(call)
   return calls
-
-
-def kernel_array_bytes(fn: Callable, args: Sequence) -> int:
-  """Bytes of every kernel's whole operands and results (for the XLA part's share)."""
-  jaxpr = jax.make_jaxpr(fn)(*args)
-  total = 0
-  for eqn in _pallas_eqns(jaxpr.jaxpr):
-    for var in (*eqn.invars, *eqn.outvars):
-      aval = var.aval
-      total += int(np.prod(aval.shape)) * aval.dtype.itemsize
-  return total
 
 
 # --- GPU: deviceless compile, ptxas, SASS ---------------------------------------------------
@@ -347,7 +339,8 @@ def compile_cuda(fn: Callable, args: Sequence, *, sass: bool = True) -> dict:
   others = [launch for launch in launches if not launch["name"].startswith(KERNEL_PREFIX)]
   cost = _xla_cost(lowered)
   if cost["bytes"] is not None:
-    cost["bytes"] = max(0.0, cost["bytes"] - kernel_array_bytes(fn, args))
+    kernel_bytes = sum(c["array_bytes"] for c in pallas_calls(fn, args))
+    cost["bytes"] = max(0.0, cost["bytes"] - kernel_bytes)
   xla = {
     "launches": len(others),
     "gemm_launches": sum("gemm" in launch["name"] for launch in others),
@@ -370,14 +363,14 @@ def compile_tpu(fn: Callable, args: Sequence, topology: str) -> dict:
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
-  if isinstance(cost, list):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
   calls = pallas_calls(fn, args, traffic=True)  # placed args: the TPU kernels are traced
   program = {
     "compile_s": compile_s,
     "temporaries_bytes": int(memory.temp_size_in_bytes),
     "mosaic_calls": compiled.as_text().count("tpu_custom_call"),
     "flops": float(cost.get("flops", 0.0)),
-    "bytes": max(0.0, float(cost.get("bytes accessed", 0.0)) - kernel_array_bytes(fn, args)),
+    "bytes": max(
+      0.0, float(cost.get("bytes accessed", 0.0)) - sum(c["array_bytes"] for c in calls)
+    ),
   }
   return {"program": program, "kernels": calls}

@@ -233,7 +233,8 @@ def measure(case: Case, target: str, shape: Shape, *, sass: bool = True) -> Iter
   result = _compile_only.compile_tpu(fn, args, TPU_TOPOLOGIES[target])
   program = result["program"]
   for call in result["kernels"]:
-    row = {**meta, "kernel": call["name"], **{k: v for k, v in call.items() if k != "name"}}
+    figures = {k: v for k, v in call.items() if k not in ("name", "array_bytes")}
+    row = {**meta, "kernel": call["name"], **figures}
     row["hbm_bytes"] = call["hbm_bytes_per_step"] * call["grid_steps"]
     row.update(temporaries_bytes=program["temporaries_bytes"],
                mosaic_calls=program["mosaic_calls"], compile_s=program["compile_s"])  # fmt: skip

@@ -216,25 +216,22 @@ def pytest_collection_modifyitems(config, items):
 TPU_TARGETS = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
 
 
-@functools.cache
 def tpu_mesh(topology: str) -> jax.sharding.Mesh:
-  """A one-device mesh on a compile-only TPU of `topology` (needs libtpu)."""
-  from jax.experimental import topologies
+  """A one-device mesh on a compile-only TPU of `topology` (needs libtpu; skips without)."""
+  from benchmarks import _compile_only
 
   try:
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-  except Exception as error:  # noqa: BLE001 - libtpu missing or refusing: skip with the reason
-    pytest.skip(f"no TPU compiler here (pip install 'jax[tpu]'): {type(error).__name__}: {error}")
-  return jax.sharding.Mesh(np.array(topo.devices[:1]), ("x",))
+    return _compile_only.tpu_mesh(topology)
+  except _compile_only.CompilerUnavailable as error:
+    pytest.skip(str(error))
 
 
 def compile_for_tpu(fn, args, topology: str):
   """Compiles `fn(*args)` (ShapeDtypeStructs) for one chip of `topology` with
   the real TPU compiler; returns (compiled, lowered HLO text)."""
-  mesh = tpu_mesh(topology)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  placed = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
-  lowered = jax.jit(fn).lower(*placed)
+  from benchmarks import _compile_only
+
+  lowered = jax.jit(fn).lower(*_compile_only.placed(args, tpu_mesh(topology)))
   return lowered.compile(), lowered.as_text()
 
 

@@ -35,6 +35,7 @@ def test_budget_file_matches_the_budget_shape():
     assert all(isinstance(v, int) and v >= 0 for v in budget.values()), key
 
 
+@pytest.mark.slow  # 20 H100 compiles, 10-31 s each: the full tier (and CI), not the edit loop
 @pytest.mark.parametrize("case,head_dim", CASES, ids=[f"{c.op}-d{d}" for c, d in CASES])
 def test_gpu_kernels_within_budget(cuda, case, head_dim):
   rows = kernel_report.budget_rows(case, head_dim)
@@ -54,6 +55,7 @@ def test_budget_check_flags_a_spilling_kernel():
   assert kernel_report.over_budget([row], {key: {**zero[key], "spill_stores": 8}}) == []
 
 
+@pytest.mark.slow
 def test_report_command_writes_rows_and_tables(cuda, tmp_path):
   """`python -m benchmarks.kernel_report` end to end on one small op family, both
   compilers: JSON lines per kernel and the XLA part, and the Markdown made from them."""

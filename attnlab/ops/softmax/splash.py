@@ -9,12 +9,12 @@ flash kernel (`pallas_tpu`) ahead, `implementation=None` picks this one on
 TPU for softmax and for the variants that reduce to it (SSA's per-query
 temperature folded into q; LUCID's softmax over V′).
 
-Splash takes [heads, time, head_dim] and no logit scale: the batch is folded
-into the heads (b·H + h; with H = G·Hkv, query head b·H + h meets kv head
-b·Hkv + h // G, the same kv head as unfolded, so GQA survives; a vmapped call
-fails in TPU interpret mode, which then could not test it), the scale (and SSA's per-query temperature) is folded
-into q before the kernel (in q's dtype, as the cuDNN path does), and T is
-zero-padded to the block size. Padded keys sit after every real query, so
+Splash takes [heads, time, head_dim] and no logit scale. The batch is folded
+into the heads: with H = G·Hkv, query head b·H + h meets kv head
+b·Hkv + h // G, the same kv head as unfolded, so GQA survives (a vmapped call
+fails in TPU interpret mode, which then could not test it). The scale and
+SSA's per-query temperature are folded into q before the kernel (in q's
+dtype, as the cuDNN path does), and T is zero-padded to the block size. Padded keys sit after every real query, so
 the causal mask hides them; padded query rows are sliced off, so their
 cotangent is zero and they add nothing to dk or dv.
 """
