@@ -23,18 +23,23 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from attnlab import data, loader, metrics
+from attnlab import cli, data, errors, loader, metrics
 
 
 def _define_flags() -> None:
   """Flags exist only when run as a program, so importing `run` defines none."""
   flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
   flags.DEFINE_list("layers", None, "Comma-separated layer indices (default: all).")
-  flags.DEFINE_integer("batch", 8, "Number of eval sequences to analyse.")
-  flags.DEFINE_integer("seq_len", None, "Truncate sequences to this length.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.register_validator(
+    "layers",
+    lambda values: values is None or all(v.isdigit() for v in values),
+    "--layers takes layer indices, e.g. --layers=0,1",
+  )
+  flags.DEFINE_integer("batch", 8, "Number of eval sequences to analyse.", lower_bound=1)
+  flags.DEFINE_integer("seq_len", None, "Truncate sequences to this length.", lower_bound=1)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
   flags.DEFINE_string("outdir", None, "Output directory (default: DIR/analysis).")
 
 
@@ -77,12 +82,17 @@ def run(
 
   outdir = outdir or os.path.join(workdir, "analysis")
   start = time.time()
-  logging.info("loading %s", workdir)
+  num_layers = loader.load_config(workdir).model.num_layers  # bad input fails before loading
+  if any(not 0 <= i < num_layers for i in layers or ()):
+    raise errors.UsageError(
+      f"--layers={','.join(map(str, layers))}: the model has layers 0..{num_layers - 1}"
+    )
   with _quiet():
     model, config, step = loader.load_model(workdir, step)
     tokens = eval_tokens(config, batch, seq_len)
   logging.info(
-    "step %d, %d layers; analysing %d eval sequences of length %d",
+    "loaded %s at step %d, %d layers; analysing %d eval sequences of length %d",
+    workdir,
     step,
     model.num_layers,
     *tokens.shape,
@@ -114,17 +124,14 @@ def run(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
   f = flags.FLAGS
   layers = None if f.layers is None else [int(i) for i in f.layers]
-  try:
-    summary = run(
-      f.workdir, layers=layers, batch=f.batch, seq_len=f.seq_len, step=f.step, outdir=f.outdir
-    )
-  except (FileNotFoundError, ValueError) as error:
-    raise SystemExit(f"attnlab.analyze: {error}") from None
+  summary = run(
+    f.workdir, layers=layers, batch=f.batch, seq_len=f.seq_len, step=f.step, outdir=f.outdir
+  )
   findings = summary["findings"]
   logging.info(
     "median decay horizon (eps=0.1) per head, None = beyond the sequence: %s",
@@ -141,4 +148,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

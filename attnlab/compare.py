@@ -24,6 +24,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from attnlab import errors
+
 # Fields that differ between runs of one config but say nothing about the run.
 _IGNORED = ("progress",)
 
@@ -37,12 +39,14 @@ def find_runs(paths: Sequence[str]) -> list[str]:
       runs.append(path)
       continue
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"{path!r} is neither a run nor a directory of runs")
+      raise errors.PathError(f"{path!r} is neither a run nor a directory of runs")
     for name in sorted(os.listdir(path)):
       if os.path.exists(os.path.join(path, name, "metrics.jsonl")):
         runs.append(os.path.join(path, name))
   if not runs:
-    raise FileNotFoundError(f"no metrics.jsonl under {', '.join(paths)}")
+    raise errors.PathError(
+      f"no metrics.jsonl under {', '.join(paths)}: give training workdirs or their parent"
+    )
   return runs
 
 
@@ -184,18 +188,19 @@ def main(argv):
 
   paths = argv[1:]
   if not paths:
-    raise SystemExit("usage: python -m attnlab.compare RUN_OR_SWEEP_DIR [...] [--out=DIR]")
-  try:
-    written = compare(paths, flags.FLAGS.out)
-  except FileNotFoundError as error:
-    raise SystemExit(f"attnlab.compare: {error}") from None
+    raise errors.UsageError(
+      "give runs to compare: python -m attnlab.compare RUN_OR_SWEEP_DIR [...] [--out=DIR]"
+    )
+  written = compare(paths, flags.FLAGS.out)
   with open(written["md"]) as f:
     print(f.read(), end="")
   print(f"wrote {', '.join(written.values())}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+
+  from attnlab import cli
 
   flags.DEFINE_string("out", None, "Output directory (default: the one directory given).")
-  app.run(main)
+  cli.run(main)

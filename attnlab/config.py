@@ -7,9 +7,15 @@ Every config file defines `get_config(arg)` and starts from `base_config()`.
 from __future__ import annotations
 
 import ast
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
 
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
+
+from attnlab import errors
 
 DEFAULT_RULES = (
   ("batch", ("data", "fsdp")),
@@ -29,12 +35,16 @@ def mixer_options() -> ConfigDict:
 
   The variant's mixer (attnlab/models/attention/<name>.py) reads them, and
   `registry.build` rejects names not listed here. `implementation` picks an
-  op backend (None: by platform, see attnlab/ops/_dispatch.py).
+  op backend (None: by platform, see attnlab/ops/_dispatch.py). Fields whose
+  default is None are typed placeholders, so `--config.model.mixer.softmax.
+  implementation=xla` works on a command line.
   """
   return ConfigDict(
     {
-      "softmax": dict(implementation=None),
-      "linear": dict(feature_map="elu1", normalize=True, chunk_size=64, implementation=None),
+      "softmax": dict(implementation=placeholder(str)),
+      "linear": dict(
+        feature_map="elu1", normalize=True, chunk_size=64, implementation=placeholder(str)
+      ),
       "gated_deltanet": dict(
         num_heads=0,  # 0: the trunk's num_heads
         head_dim=0,  # 0: the trunk's head_dim
@@ -44,7 +54,7 @@ def mixer_options() -> ConfigDict:
         allow_neg_eigval=False,
         use_gate=True,
         chunk_size=64,
-        implementation=None,
+        implementation=placeholder(str),
       ),
       "nats_l": dict(
         num_heads=0,  # 0: the trunk's num_heads (delta heads = NAtS heads)
@@ -55,11 +65,13 @@ def mixer_options() -> ConfigDict:
         allow_neg_eigval=False,
         block_size=64,
         prefill_chunk_blocks=0,  # blocks per parallel prefill chunk; 0: 1024 tokens' worth
-        decode_attn_blocks=None,  # attention-typed blocks a decoding cache holds; None: all
-        implementation=None,
+        decode_attn_blocks=placeholder(
+          int
+        ),  # attention-typed blocks a decoding cache holds; None: all
+        implementation=placeholder(str),
       ),
-      "lucid": dict(eps=1e-5, block_size=64, implementation=None),
-      "ssa": dict(alpha_init=-7.0, token_temperature=True, implementation=None),
+      "lucid": dict(eps=1e-5, block_size=64, implementation=placeholder(str)),
+      "ssa": dict(alpha_init=-7.0, token_temperature=True, implementation=placeholder(str)),
       "soft": dict(
         num_landmarks=32,
         newton_iters=20,
@@ -67,9 +79,9 @@ def mixer_options() -> ConfigDict:
         normalize=True,
         conv_size=3,
         chunk_size=64,
-        implementation=None,
+        implementation=placeholder(str),
       ),
-      "softplus": dict(power=0.0, implementation=None),  # power 0: LSSA; > 0: LSSAR
+      "softplus": dict(power=0.0, implementation=placeholder(str)),  # power 0: LSSA; > 0: LSSAR
     }
   )
 
@@ -228,3 +240,38 @@ def finalize(config: ConfigDict) -> ConfigDict:
   config.model.vocab_size = config.data.get_ref("vocab_size")
   config.lock()
   return config
+
+
+def load_config(workdir: str, overrides: Mapping[str, Any] | None = None) -> ConfigDict:
+  """The saved config of a training workdir, with `overrides` applied.
+
+  Args:
+    workdir: a training workdir (holds config.json).
+    overrides: flattened 'a.b.c' -> value, e.g. {'model.mixer.softplus.power': 15.0}
+      (`override_values` of the `define_config_overrides` flag).
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise errors.PathError(f"workdir {workdir!r} does not exist; give a training workdir")
+  if not os.path.exists(path):
+    raise errors.PathError(
+      f"{path} not found: {workdir!r} is not a training workdir (python -m attnlab.train "
+      "writes config.json there first)"
+    )
+  with open(path) as f:
+    saved = json.load(f)
+  # Fields added to attnlab after the run was saved take their defaults.
+  config = ConfigDict(_fill_missing(saved, base_config().to_dict()))
+  if overrides:
+    config.update_from_flattened_dict(dict(overrides))
+  return config
+
+
+def _fill_missing(saved: dict, defaults: dict) -> dict:
+  out = dict(saved)
+  for key, default in defaults.items():
+    if key not in out:
+      out[key] = default
+    elif isinstance(default, dict) and isinstance(out[key], dict):
+      out[key] = _fill_missing(out[key], default)
+  return out

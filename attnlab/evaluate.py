@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
-from attnlab import data, loader, metrics
+from attnlab import cli, data, errors, loader, metrics
 
 _CONFIG: flags.FlagHolder | None = None  # the --config.x.y=value overrides
 
@@ -37,8 +37,13 @@ def _define_flags() -> None:
   global _CONFIG
   flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
   flags.DEFINE_list("seq_lens", ["256", "1024", "4096"], "Lengths to evaluate.")
-  flags.DEFINE_integer("tokens", 65_536, "Held-out tokens per length.")
-  flags.DEFINE_integer("bucket", 128, "Position bucket of the loss curve.")
+  flags.register_validator(
+    "seq_lens",
+    lambda values: all(v.isdigit() and int(v) > 0 for v in values),
+    "--seq_lens takes positive integers, e.g. --seq_lens=256,1024",
+  )
+  flags.DEFINE_integer("tokens", 65_536, "Held-out tokens per length.", lower_bound=1)
+  flags.DEFINE_integer("bucket", 128, "Position bucket of the loss curve.", lower_bound=1)
   _CONFIG = loader.define_config_overrides()
 
 
@@ -104,7 +109,8 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
   overrides = loader.override_values(_CONFIG) if _CONFIG is not None else {}
   model, config, step = loader.load_model(flags.FLAGS.workdir, overrides=overrides)
   results = []
@@ -145,4 +151,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

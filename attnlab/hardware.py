@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from attnlab import errors
+
 GIB = 1024**3
 
 
@@ -52,12 +54,15 @@ def topology_name(slice_name: str) -> str:
     return slice_name
   generation, _, count = slice_name.partition("-")
   if generation not in _CORES_PER_CHIP or not count.isdigit():
-    raise ValueError(
+    raise errors.UsageError(
       f"unknown TPU slice {slice_name!r}; use e.g. v5p-64, v5e-16, v6e-8, v4-32, or a "
       "topology such as v5p:2x4x4"
     )
   chips = int(count) // _CORES_PER_CHIP[generation]
   shapes = _3D if generation in ("v4", "v5p") else _2D
   if chips not in shapes:
-    raise ValueError(f"{slice_name}: {chips} chips is not a slice shape this tool knows")
+    raise errors.UsageError(
+      f"{slice_name}: {chips} chips is not a slice shape this tool knows; "
+      f"known chip counts for {generation}: {sorted(shapes)}"
+    )
   return f"{generation}:{shapes[chips]}"

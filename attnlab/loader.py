@@ -9,8 +9,6 @@ a model larger than one device loads too.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,39 +18,12 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict, config_flags
 
-from attnlab import checkpoint, sharding, train_state
+from attnlab import checkpoint, errors, sharding, train_state
 from attnlab import config as config_lib
 from attnlab.models import Transformer
 
-
-def load_config(workdir: str, overrides: Mapping[str, Any] | None = None) -> ConfigDict:
-  """The saved config of a training workdir, with `overrides` applied.
-
-  Args:
-    workdir: a training workdir (holds config.json).
-    overrides: flattened 'a.b.c' -> value, e.g. {'model.mixer.softplus.power': 15.0}
-      (`override_values` of the `define_config_overrides` flag).
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
-  with open(path) as f:
-    saved = json.load(f)
-  # Fields added to attnlab after the run was saved take their defaults.
-  config = ConfigDict(_fill_missing(saved, config_lib.base_config().to_dict()))
-  if overrides:
-    config.update_from_flattened_dict(dict(overrides))
-  return config
-
-
-def _fill_missing(saved: dict, defaults: dict) -> dict:
-  out = dict(saved)
-  for key, default in defaults.items():
-    if key not in out:
-      out[key] = default
-    elif isinstance(default, dict) and isinstance(out[key], dict):
-      out[key] = _fill_missing(out[key], default)
-  return out
+# The saved config of a workdir: the config system's job, used here and by validate.
+load_config = config_lib.load_config
 
 
 def load_model(
@@ -69,18 +40,50 @@ def load_model(
   run's `sharding_rules`, otherwise on the first local device.
   """
   config = load_config(workdir, overrides)
+  if overrides:
+    check_overrides_keep_shapes(workdir, config, overrides)
   if mesh is None:
     mesh = sharding.make_mesh({}, jax.local_devices()[:1])
   placed = train_state.setup(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    restored = ckpt.restore_part(step, {"params": placed.abstract_state["params"]})
+    steps = sorted(ckpt.manager.all_steps())
+    if not steps:
+      raise errors.PathError(
+        f"no checkpoint in {ckpt.directory}: the run has not saved one yet "
+        "(config.checkpoint_every), or its workdir was moved"
+      )
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise errors.PathError(
+        f"no checkpoint at step {step} in {ckpt.directory}; steps on disk: {steps}"
+      )
+    try:
+      restored = ckpt.restore_part(step, {"params": placed.abstract_state["params"]})
+    except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+      others = [s for s in steps if s != step]
+      raise RuntimeError(
+        f"the checkpoint at step {step} in {ckpt.directory} could not be read "
+        f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''})"
+        + (f"; other steps on disk: {others} (--step=)" if others else "")
+      ) from error
   finally:
     ckpt.close()
   return nnx.merge(placed.graphdef, restored["params"]), config, step
+
+
+def check_overrides_keep_shapes(
+  workdir: str, config: ConfigDict, overrides: Mapping[str, Any]
+) -> None:
+  """Overrides of a saved run may change how the model computes (LSSAR's
+  power, a kernel implementation), not its parameters' shapes."""
+  saved = train_state.param_shapes(load_config(workdir))
+  if saved != train_state.param_shapes(config):
+    given = ", ".join(f"--config.{k}={v}" for k, v in sorted(overrides.items()))
+    raise errors.UsageError(
+      f"{given} changes the shapes of the saved run's parameters, so its checkpoint "
+      "cannot load; only overrides that keep them work (e.g. model.mixer.softplus.power)"
+    )
 
 
 def define_config_overrides() -> flags.FlagHolder:

@@ -29,8 +29,10 @@ from typing import Any
 # plan may run beside tests or another plan.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
+
+from attnlab import cli, errors  # noqa: E402
 
 GIB = 1024**3
 
@@ -156,11 +158,19 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
+  from attnlab import hardware, validate
+
   f = flags.FLAGS
-  config, topology, as_json = f.config, f.topology, f.json
+  config = cli.config_file_value(flags.FlagHolder(f, f["config"]))
+  topology, as_json = f.topology, f.json
+  hardware.topology_name(topology)  # an unknown slice is a usage error, before any compile
+  validate.check_sizes(config)
+  validate.check_model(config.model)
   try:
     report = plan(config, topology, with_eval=f.eval)
+  except errors.UsageError:
+    raise
   except Exception as error:  # noqa: BLE001 - a failed compile is the answer, not a crash
     message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     report = {"topology": topology, "fits": False, "error": message}
@@ -183,4 +193,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

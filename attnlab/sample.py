@@ -12,17 +12,22 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from attnlab import generate, loader
+from attnlab import cli, errors, generate, loader
 from attnlab.data import tokenizers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (text tokenizers).")
 _PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt as comma-separated token ids.")
-_NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely tokens.")
+flags.register_validator(
+  "prompt_ids",
+  lambda ids: ids is None or all(i.isdigit() for i in ids),
+  "--prompt_ids takes non-negative integer token ids, e.g. --prompt_ids=5,40,7",
+)
+_NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely tokens.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 # `--config.x.y=value` overrides: defined when run as a program, so importing this module
 # next to another command line's own --config flag (tests, notebooks) does not collide.
@@ -30,17 +35,25 @@ _CONFIG: flags.FlagHolder | None = None
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _PROMPT_IDS.value and _PROMPT.value is None:
+    raise errors.UsageError("give --prompt=TEXT or --prompt_ids=ID,ID,...")
   logging.set_verbosity(logging.WARNING)
   overrides = loader.override_values(_CONFIG) if _CONFIG is not None else {}
   model, config, step = loader.load_model(_WORKDIR.value, overrides=overrides)
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   if _PROMPT_IDS.value:
     prompt = np.array([[int(i) for i in _PROMPT_IDS.value]], np.int32)
-  elif _PROMPT.value is not None:
-    prompt = tokenizer.encode(_PROMPT.value)[None]
+    vocab = config.model.vocab_size
+    if prompt.max() >= vocab:
+      raise errors.UsageError(
+        f"--prompt_ids holds id {prompt.max()}, outside the model's vocabulary of {vocab}"
+      )
   else:
-    raise app.UsageError("give --prompt or --prompt_ids")
+    prompt = tokenizer.encode(_PROMPT.value)[None]
+    if prompt.size == 0:
+      raise errors.UsageError("--prompt encodes to no tokens; give a non-empty prompt")
   out = generate.generate(
     model,
     prompt,
@@ -58,4 +71,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _CONFIG = loader.define_config_overrides()
-  app.run(main)
+  cli.run(main)

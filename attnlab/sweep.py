@@ -35,13 +35,17 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from attnlab import errors
+
 Override = dict[str, Any]
 
 
 def axis(key: str, values: Iterable[Any]) -> list[Override]:
   """One swept key: [{key: v} for v in values]. Keys are ':arg' or 'config.x.y'."""
   if not (key.startswith(":") or key.startswith("config.")):
-    raise ValueError(f"sweep key {key!r} must start with ':' (argument) or 'config.' (override)")
+    raise errors.UsageError(
+      f"sweep key {key!r} must start with ':' (argument) or 'config.' (override)"
+    )
   return [{key: v} for v in values]
 
 
@@ -54,7 +58,7 @@ def zip_(*axes: Sequence[Override]) -> list[Override]:
   """The axes side by side: the i-th set of each, merged (equal lengths)."""
   lengths = {len(a) for a in axes}
   if len(lengths) > 1:
-    raise ValueError(f"zip_ needs axes of equal length, got {sorted(lengths)}")
+    raise errors.UsageError(f"zip_ needs axes of equal length, got {sorted(lengths)}")
   return [_merge(*combo) for combo in zip(*axes)]
 
 
@@ -63,7 +67,7 @@ def _merge(*sets: Override) -> Override:
   for s in sets:
     clash = set(merged) & set(s)
     if clash:
-      raise ValueError(f"sweep key(s) {sorted(clash)} set twice in one run")
+      raise errors.UsageError(f"sweep key(s) {sorted(clash)} set twice in one run")
     merged.update(s)
   return merged
 
@@ -71,10 +75,12 @@ def _merge(*sets: Override) -> Override:
 def load_sweep(path: str) -> list[Override]:
   """The override sets of a sweep file's `get_sweep()`."""
   spec = importlib.util.spec_from_file_location("sweep_file", path)
-  if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f"sweep file {path!r} not found")
+  if spec is None or not os.path.isfile(path):
+    raise errors.PathError(f"sweep file {path!r} not found (the repository's are in sweeps/)")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_sweep", None)):
+    raise errors.UsageError(f"sweep file {path!r} defines no get_sweep() function")
   sets = list(module.get_sweep())
   for s in sets:
     for key in s:
@@ -122,7 +128,7 @@ def plan(
   for overrides in sets:
     name = run_name(overrides)
     if name in names:
-      raise ValueError(f"two runs of the sweep share the name {name!r}")
+      raise errors.UsageError(f"two runs of the sweep share the name {name!r}")
     names.add(name)
     workdir = os.path.join(root, name)
     runs.append(
@@ -154,8 +160,11 @@ def main(parsed) -> None:
 
   argv, extra = parsed
   if len(argv) > 1:
-    raise SystemExit(f"attnlab.sweep: unexpected arguments {argv[1:]}")
+    raise errors.UsageError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
+  config_file = f.config.split(":", 1)[0]
+  if not os.path.isfile(config_file):
+    raise errors.PathError(f"--config={f.config}: no such config file (e.g. configs/tiny.py)")
   runs = plan(f.config, load_sweep(f.sweep), f.workdir, extra)
   if "://" not in f.workdir:  # a record of what ran, next to the runs
     os.makedirs(f.workdir, exist_ok=True)
@@ -186,7 +195,7 @@ def main(parsed) -> None:
     progress.update(run=r["name"], status="ok" if code == 0 else f"exit {code}")
   progress.close()
   if failed:
-    raise SystemExit(f"attnlab.sweep: {len(failed)} run(s) failed: {', '.join(failed)}")
+    raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
   progress.message(f"done; compare with: python -m attnlab.compare {f.workdir}")
 
 
@@ -208,7 +217,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
+  from attnlab import cli
 
   _define_flags()
-  app.run(main, flags_parser=_parse)
+  cli.run(main, flags_parser=_parse)

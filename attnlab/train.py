@@ -7,10 +7,10 @@
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from attnlab import trainer, validate
+from attnlab import cli, errors, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, optionally with :key=value,... arguments.", lock_config=True
@@ -33,7 +33,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO logs drown progress
   if _DISTRIBUTED.value or _COORDINATOR.value:
@@ -44,17 +44,11 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-  config = _CONFIG.value
-  try:  # a config file that does not exist or does not load raises on first use
-    config.get("seed")
-  except OSError as e:
-    raise app.UsageError(str(e)) from e
-  try:
-    trainer.train_and_evaluate(config, _WORKDIR.value)
-  except validate.ConfigError as e:  # a bad config or workdir: the message, not a traceback
-    raise app.UsageError(str(e)) from e
+  # Bad input raises errors.UsageError (validate.ConfigError included): cli.run
+  # prints its one line and exits 2; any other failure exits 1.
+  trainer.train_and_evaluate(cli.config_file_value(_CONFIG), _WORKDIR.value)
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

@@ -43,6 +43,15 @@ def initializer(
   return graphdef, init, tx
 
 
+def param_shapes(config: ConfigDict) -> dict[tuple, tuple[tuple[int, ...], str]]:
+  """{parameter path: (shape, dtype)} of `config`'s model, built abstractly."""
+  model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
+  return {
+    path: (tuple(leaf.shape), str(leaf.dtype))
+    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """A config placed on a mesh: the model and optimizer, and the abstract

@@ -8,6 +8,7 @@ tracing or a TFDS reader minutes later.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -15,11 +16,40 @@ import tempfile
 import jax
 from ml_collections import ConfigDict
 
+from attnlab import errors
 from attnlab.models.attention import registry
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UsageError):
   """The run's config or environment cannot work; the message says why."""
+
+
+# Sizes that must be positive integers, and counts where 0 means "never".
+_POSITIVE = (
+  "total_steps", "log_every", "keep_checkpoints", "model.vocab_size", "model.d_model",
+  "model.num_layers", "model.mlp_dim", "data.seq_len", "data.batch_size",
+  "data.eval_batch_size", "data.vocab_size",
+)  # fmt: skip
+_NON_NEGATIVE = ("eval_every", "checkpoint_every", "eval_batches", "model.canon_conv")
+
+
+def _get(config: ConfigDict, dotted: str):
+  for key in dotted.split("."):
+    config = config[key]
+  return config
+
+
+def check_sizes(config: ConfigDict) -> None:
+  """Sizes and counts: integers, positive (or >= 0 where 0 turns a feature off)."""
+  for names, low, word in ((_POSITIVE, 1, "a positive"), (_NON_NEGATIVE, 0, "a non-negative")):
+    for name in names:
+      value = _get(config, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name}={value!r} must be {word} integer")
+  if config.eval_every and not config.eval_batches:
+    raise ConfigError("eval_batches=0 with eval_every > 0: evaluate on at least one batch")
+  if not config.optim.lr > 0:
+    raise ConfigError(f"optim.lr={config.optim.lr!r} must be positive")
 
 
 def layer_names(model: ConfigDict) -> list[str]:
@@ -110,8 +140,23 @@ def check_batch(config: ConfigDict, devices: int, processes: int) -> None:
 
 
 def check_data(data: ConfigDict) -> None:
-  if data.task != "tfds":
+  from attnlab.data import synthetic  # numpy only
+
+  if data.task in synthetic.TASKS:
+    try:  # one sequence: the task's own check of what fits, in a millisecond
+      synthetic.TASKS[data.task](
+        [0], seed=0, seq_len=data.seq_len, vocab_size=data.vocab_size,
+        num_kv_pairs=data.num_kv_pairs, num_queries=data.num_queries,
+      )  # fmt: skip
+    except ValueError as e:
+      raise ConfigError(
+        f"data.task={data.task!r}: {e}; raise data.seq_len or lower data.num_kv_pairs"
+      ) from None
     return
+  if data.task != "tfds":
+    raise ConfigError(
+      f"data.task={data.task!r} is unknown; choose one of {sorted(synthetic.TASKS)} or 'tfds'"
+    )
   if data.tokenizer != "byte" and not os.path.isfile(data.tokenizer):
     raise ConfigError(f"data.tokenizer={data.tokenizer!r} is neither 'byte' nor a file")
   from attnlab.data import tokenizers  # only text runs need it
@@ -147,8 +192,58 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from e
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def check_resume(config: ConfigDict, workdir: str) -> None:
+  """A workdir with checkpoints of another model cannot be resumed: restoring
+  fails deep inside orbax when parameter shapes differ, and silently trains the
+  wrong model when only the variant does. Say which model fields differ.
+  Changes that keep the variants and shapes (steps, lr, chunk sizes, kernel
+  implementations) resume as before."""
+  path, checkpoints = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
+  if not os.path.isfile(path) or not os.path.isdir(checkpoints):
+    return
+  if not any(name.isdigit() for name in os.listdir(checkpoints)):
+    return
+  from attnlab import config as config_lib
+  from attnlab import train_state  # builds abstract models: only when resuming
+
+  saved = config_lib.load_config(workdir)
+  try:
+    before = train_state.param_shapes(saved)
+  except Exception:  # noqa: BLE001 - a run saved by an older attnlab: let restore decide
+    return
+  # Same shapes can still be another model (LUCID's parameters are softmax's):
+  # the layers' variants must match too.
+  if before == train_state.param_shapes(config) and layer_names(saved.model) == layer_names(
+    config.model
+  ):
+    return
+  old = _flat(json.loads(saved.model.to_json_best_effort()))
+  new = _flat(json.loads(config.model.to_json_best_effort()))
+  diffs = [
+    f"model.{k}={old.get(k)!r} there, {new.get(k)!r} here"
+    for k in sorted(new)
+    if old.get(k) != new.get(k)
+  ]
+  shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+  raise ConfigError(
+    f"workdir {workdir!r} holds checkpoints of a different model ({shown or 'parameter shapes differ'}): "
+    "use a new --workdir, or rerun with that run's config"
+  )
+
+
 def check_run(config: ConfigDict, workdir: str) -> None:
   """Every check above, in the order a user would want to hear about them."""
+  check_sizes(config)
   if config.model.vocab_size != config.data.vocab_size:
     raise ConfigError(
       f"model.vocab_size={config.model.vocab_size} differs from "
@@ -158,3 +253,4 @@ def check_run(config: ConfigDict, workdir: str) -> None:
   check_batch(config, jax.device_count(), jax.process_count())
   check_data(config.data)
   check_workdir(workdir)
+  check_resume(config, workdir)

@@ -38,7 +38,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
@@ -52,7 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from attnlab import ops  # noqa: E402
-from benchmarks import _compile_only  # noqa: E402
+from benchmarks import _args, _compile_only  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TPU_TOPOLOGIES = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
@@ -418,12 +417,14 @@ def _csv(text: str, allowed: tuple[str, ...] | None = None, name: str = "") -> t
   if allowed is not None:
     bad = [x for x in items if x not in allowed]
     if bad:
-      raise SystemExit(f"kernel_report: unknown {name} {bad}; choose from {list(allowed)}")
+      raise ValueError(f"unknown {name} {bad}; choose from {list(allowed)}")
   return items
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _args.ArgumentParser(
+    prog="benchmarks.kernel_report", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("--targets", default="h100,v5e", help=f"comma-separated: {TARGETS}")
   parser.add_argument("--ops", default=",".join(FAMILIES), help=f"op families: {FAMILIES}")
   parser.add_argument("--seq_lens", default="2048,8192")
@@ -446,21 +447,26 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.from_json:
     path = pathlib.Path(args.from_json)
+    if not path.is_file():
+      parser.error(f"--from_json={path}: no such file")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     md = pathlib.Path(args.md or path.with_suffix(".md"))
     md.write_text(_header(rows) + markdown(rows))
     print(f"wrote {md}")
     return 0
 
-  targets = _csv(args.targets, TARGETS, "targets")
-  families = _csv(args.ops, FAMILIES, "op families")
+  try:
+    targets = _csv(args.targets, TARGETS, "--targets")
+    families = _csv(args.ops, FAMILIES, "--ops")
+  except ValueError as error:
+    parser.error(str(error))
   try:
     seq_lens = tuple(int(x) for x in _csv(args.seq_lens))
     dims = tuple(int(x) for x in _csv(args.head_dims))
   except ValueError as error:
-    raise SystemExit(f"kernel_report: --seq_lens/--head_dims take integers: {error}") from None
-  if any(t <= 0 for t in seq_lens) or any(d <= 0 for d in dims) or args.batch <= 0:
-    raise SystemExit("kernel_report: --seq_lens, --head_dims and --batch must be positive")
+    parser.error(f"--seq_lens/--head_dims take integers: {error}")
+  if any(t <= 0 for t in seq_lens) or any(d <= 0 for d in dims) or min(args.batch, args.heads) <= 0:
+    parser.error("--seq_lens, --head_dims, --batch and --heads must be positive")
   today = datetime.date.today().isoformat()
   out = pathlib.Path(args.json or RESULTS / f"kernel_report_{'_'.join(targets)}_{today}.jsonl")
   md = pathlib.Path(args.md or out.with_suffix(".md"))

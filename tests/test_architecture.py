@@ -17,7 +17,15 @@ LAYERS = (
   ("ops", ("attnlab.ops",)),
   (
     "foundation",
-    ("attnlab.config", "attnlab.hardware", "attnlab.sharding", "attnlab.metrics", "attnlab.optim"),
+    (
+      "attnlab.errors",
+      "attnlab.cli",
+      "attnlab.config",
+      "attnlab.hardware",
+      "attnlab.sharding",
+      "attnlab.metrics",
+      "attnlab.optim",
+    ),
   ),
   ("models", ("attnlab.models",)),
   ("data", ("attnlab.data",)),

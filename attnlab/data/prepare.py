@@ -15,9 +15,9 @@ import glob
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-from attnlab import metrics
+from attnlab import cli, errors, metrics
 from attnlab.data import text_corpus, tokenizers
 
 _SOURCE = flags.DEFINE_string("source_dir", None, "Directory of .txt files.", required=True)
@@ -25,7 +25,10 @@ _DATA_DIR = flags.DEFINE_string(
   "data_dir", os.path.expanduser("~/tensorflow_datasets"), "TFDS data_dir to build into."
 )
 _TRAIN_TOKENIZER = flags.DEFINE_integer(
-  "train_tokenizer", 0, "Train a SentencePiece model of this many pieces on the corpus (0: no)."
+  "train_tokenizer",
+  0,
+  "Train a SentencePiece model of this many pieces on the corpus (0: no).",
+  lower_bound=0,
 )
 _TOKENIZER_PREFIX = flags.DEFINE_string(
   "tokenizer_prefix", None, "Output path of the tokenizer without .model (default data_dir/spmN)."
@@ -34,10 +37,13 @@ _BUILD_DATASET = flags.DEFINE_bool("build_dataset", True, "Build the text_corpus
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not os.path.isdir(_SOURCE.value):
+    raise errors.PathError(f"--source_dir={_SOURCE.value}: no such directory")
   files = sorted(glob.glob(os.path.join(_SOURCE.value, "**", "*.txt"), recursive=True))
   if not files:
-    raise app.UsageError(f"no .txt files under --source_dir={_SOURCE.value}")
+    raise errors.PathError(f"no .txt files under --source_dir={_SOURCE.value}")
   size = sum(os.path.getsize(f) for f in files)
   steps = int(_BUILD_DATASET.value) + int(_TRAIN_TOKENIZER.value > 0)
   progress = metrics.Progress(total=steps + 1, label="data.prepare")
@@ -57,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
