@@ -13,12 +13,15 @@ deleted, and a later save of the same step does not collide with it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -26,11 +29,36 @@ from jax.experimental import multihost_utils
 _UNFINISHED = ".orbax-checkpoint-tmp"
 
 
+# A checkpoint takes about its arrays' bytes on disk (OCDBT, uncompressed),
+# plus metadata; the margin keeps a save from filling the disk to the last byte.
+_SPACE_MARGIN_FRACTION = 0.1
+_SPACE_MARGIN_BYTES = 1 << 16
+
+
+class DiskFullError(OSError):
+  """The disk holding the checkpoints has no room for the next one."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.errno = errno.ENOSPC  # str() stays the message alone
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  text = str(error)
+  return (
+    (isinstance(error, OSError) and error.errno == errno.ENOSPC)
+    or "No space left on device" in text
+    or "os_error_code='28'" in text
+  )
+
+
 class Checkpointer:
-  def __init__(self, workdir: str, *, keep: int):
+  def __init__(self, workdir: str, *, keep: int, warn: Callable[[str], None] | None = None):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.damaged_directory = os.path.abspath(os.path.join(workdir, "checkpoints_damaged"))
     self.skipped: list[str] = []  # one line per checkpoint set aside, for the run's log
+    self._warn = warn or (lambda line: logging.warning("%s", line))
+    self._warned_vanished = False
     # No barrier needed: the manager ignores temporary directories, so moving
     # them (process 0 only) changes nothing another process lists.
     for name in self._unfinished():
@@ -46,6 +74,7 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=True
       ),
     )
+    self._directory_identity = self._identity()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -94,14 +123,98 @@ class Checkpointer:
     return None, None
 
   def save(self, step: int, state: Any, data_iterator: Any) -> None:
-    """Starts an async save; returns once the state is safely copied off-device."""
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-      ),
-      force=True,
+    """Starts an async save; returns once the state is safely copied off-device.
+
+    Raises DiskFullError, before writing anything, when the disk cannot hold
+    the checkpoint (and when a write runs out of space anyway: the partial
+    save is removed, so the newest complete checkpoint stays the one to resume
+    from). A checkpoint directory that vanished during the run is recreated
+    with one warning.
+    """
+    try:
+      self.manager.wait_until_finished()  # the previous save's bytes are on disk now
+    except Exception as error:
+      if not self._vanished():  # a save that failed for another reason is not ignored
+        raise self._translated(error, step) from error
+      # Its directory went away under it: that save is lost, the run is not.
+    self._recreate_if_vanished(step)
+    self._check_space(step, state)
+    try:
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+        ),
+        force=True,
+      )
+    except Exception as error:
+      raise self._translated(error, step) from error
+
+  def _identity(self) -> tuple[int, int] | None:
+    try:
+      info = os.stat(self.directory)
+    except OSError:
+      return None
+    return info.st_dev, info.st_ino
+
+  def _vanished(self) -> bool:
+    """The checkpoint directory was deleted (or replaced) since it was made."""
+    return self._identity() != self._directory_identity
+
+  def _recreate_if_vanished(self, step: int) -> None:
+    if not self._vanished():
+      return
+    if jax.process_index() == 0:
+      os.makedirs(self.directory, exist_ok=True)
+      for name in self._unfinished():  # a save that was in flight: its rest is garbage
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self._directory_identity = self._identity()
+    self.manager.reload()  # forget the steps that went with it
+    if not self._warned_vanished:
+      self._warned_vanished = True
+      self._warn(
+        f"WARNING: the checkpoint directory {self.directory} disappeared during the run "
+        f"(deleted or unmounted); recreated it at step {step}: the checkpoints it held are gone"
+      )
+
+  def _check_space(self, step: int, state: Any) -> None:
+    local = sum(
+      shard.data.nbytes
+      for leaf in jax.tree.leaves(state)
+      for shard in getattr(leaf, "addressable_shards", ())
+    )
+    needed = local * (1 + _SPACE_MARGIN_FRACTION) + _SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(self.directory).free
+    enough = free >= needed
+    if jax.process_count() > 1:  # every process stops, or none does (saves are collective)
+      enough = bool(multihost_utils.process_allgather(np.array(enough)).all())
+    if not enough:
+      raise DiskFullError(
+        f"no space for the checkpoint at step {step}: {free / 1e6:.1f} MB free on the disk "
+        f"of {self.directory}, about {needed / 1e6:.1f} MB needed. Stopped; "
+        f"{self._resume_hint()}",
+      )
+
+  def _resume_hint(self) -> str:
+    latest = self.manager.latest_step()
+    if latest is None:
+      return "no checkpoint was saved yet. Free space and rerun the command."
+    return f"the newest complete checkpoint is step {latest}: free space and rerun the command to resume from it."
+
+  def _translated(self, error: Exception, step: int | None) -> Exception:
+    """A write that ran out of space, as a DiskFullError with the partial save
+    removed (it cannot be completed, and it holds the space a rerun needs)."""
+    if not _is_disk_full(error):
+      return error
+    if jax.process_index() == 0:
+      for name in self._unfinished():
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self.manager.reload()
+    at = f" at step {step}" if step is not None else ""
+    return DiskFullError(
+      f"the disk of {self.directory} filled up while writing the checkpoint{at}; removed the "
+      f"partial save. {self._resume_hint()}",
     )
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
@@ -133,8 +246,12 @@ class Checkpointer:
       )
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:
+      raise self._translated(error, None) from error
+    finally:
+      self.manager.close()
 
 
 def _first_line(error: Exception) -> str:

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
+from absl import logging
 
 
 def _to_python(value: Any):
@@ -38,9 +39,11 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     self._start = time.time()
+    self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._warned_recreated = False
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._jsonl = open(self._jsonl_path, "a")
       from tensorboardX import SummaryWriter  # only process 0 needs it
 
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -50,6 +53,16 @@ class MetricWriter:
     if not self.active:
       return
     row = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
+    if not os.path.exists(self._jsonl_path):  # removed during the run: start a new file
+      self._jsonl.close()
+      os.makedirs(os.path.dirname(self._jsonl_path), exist_ok=True)
+      self._jsonl = open(self._jsonl_path, "a")
+      if not self._warned_recreated:
+        self._warned_recreated = True
+        self.warning(
+          f"WARNING: {self._jsonl_path} was removed during the run; recreated it at step "
+          f"{int(step)} (earlier rows are in the TensorBoard events)"
+        )
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
     for key, value in row.items():
@@ -78,6 +91,16 @@ class MetricWriter:
   def message(self, text: str) -> None:
     """A one-off line (resume, preemption, final summary)."""
     self._line.message(text)
+
+  def warning(self, text: str) -> None:
+    """A line that must be seen: on the progress stream when it is on, else
+    in the absl log (stderr)."""
+    if not self.active:
+      return
+    if self.progress:
+      self._line.message(text)
+    else:
+      logging.warning("%s", text)
 
   def close(self) -> None:
     self._line.close()

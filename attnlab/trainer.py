@@ -164,10 +164,16 @@ def _microbatches(batch: dict, count: int) -> dict:
 
 
 class _StopFlag:
-  """Set by SIGTERM (a preempted VM); the loop then checkpoints and exits."""
+  """Set by SIGTERM (a preempted VM); the loop then checkpoints and exits.
+
+  The handler stays until the final checkpoint is on disk, so a second SIGTERM
+  (an impatient user, a scheduler's repeat) cannot kill the process halfway
+  through that save; it only says so.
+  """
 
   def __init__(self):
     self.requested = False
+    self.signals = 0
     self._previous = None
 
   def __enter__(self):
@@ -178,6 +184,12 @@ class _StopFlag:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+    self.signals += 1
+    if self.signals > 1:
+      os.write(
+        2,
+        b"SIGTERM again: finishing the checkpoint first (SIGKILL would leave it unfinished)\n",
+      )
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -237,8 +249,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
       yield batch
 
   # 3. Restore from this workdir, or initialise directly sharded.
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   writer = metrics.MetricWriter(workdir, total_steps=config.total_steps, progress=config.progress)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, warn=writer.warning)
   latest, state = ckpt.restore_latest(placed.abstract_state, train_iter)
   for line in ckpt.skipped:  # damaged or unfinished checkpoints (also in the absl log)
     writer.message(f"WARNING: {line}")
@@ -282,44 +294,49 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   window_start, window_steps = time.time(), 0
   step = first_step
   saved_step = first_step
-  try:
-    with _StopFlag() as stop, placed.context():
-      for step in range(first_step + 1, config.total_steps + 1):
-        profiler.before(step)
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, step_metrics = train_step(state, to_global(next(train_iter)))
-        if profiler.after(step, state):
-          writer.message(f"wrote a profile of steps {config.profile_steps} to {profiler.logdir}")
-        pending.append((step, step_metrics["train/loss"]))
-        window_steps += 1
-        is_last = step == config.total_steps
-        if step % config.log_every == 0 or is_last:
-          _check_finite(pending)
-          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          elapsed = time.time() - window_start
-          last["train/tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
-          last["train/mfu"] = flops.mfu(flop_counts["train"], last["train/tokens_per_sec"], peak)
-          window_start, window_steps = time.time(), 0
-          if config.eval_every and (step % config.eval_every == 0 or is_last):
-            last.update(evaluate(state["params"]))
-            window_start = time.time()  # eval time is not training throughput
-          writer.write(step, last)
-          writer.show_progress(step, last)
-        preempted = stop.requested or (
-          process_count > 1 and multihost_utils.reached_preemption_sync_point(step)
-        )
-        periodic = config.checkpoint_every and step % config.checkpoint_every == 0
-        if periodic or is_last or preempted:
-          _check_finite(pending)  # never checkpoint a diverged state
-          ckpt.save(step, state, train_iter)
-          saved_step = step
-        if preempted:
-          writer.message(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
-          break
-  finally:
-    # 6. Finish: let in-flight async saves land, also when a step raised.
-    profiler.close()
-    ckpt.close()
-    writer.close()
+  with _StopFlag() as stop:
+    try:
+      with placed.context():
+        for step in range(first_step + 1, config.total_steps + 1):
+          profiler.before(step)
+          with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, step_metrics = train_step(state, to_global(next(train_iter)))
+          if profiler.after(step, state):
+            writer.message(f"wrote a profile of steps {config.profile_steps} to {profiler.logdir}")
+          pending.append((step, step_metrics["train/loss"]))
+          window_steps += 1
+          is_last = step == config.total_steps
+          if step % config.log_every == 0 or is_last:
+            _check_finite(pending)
+            last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            elapsed = time.time() - window_start
+            last["train/tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
+            last["train/mfu"] = flops.mfu(flop_counts["train"], last["train/tokens_per_sec"], peak)
+            window_start, window_steps = time.time(), 0
+            if config.eval_every and (step % config.eval_every == 0 or is_last):
+              last.update(evaluate(state["params"]))
+              window_start = time.time()  # eval time is not training throughput
+            writer.write(step, last)
+            writer.show_progress(step, last)
+          preempted = stop.requested or (
+            process_count > 1 and multihost_utils.reached_preemption_sync_point(step)
+          )
+          periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+          if periodic or is_last or preempted:
+            _check_finite(pending)  # never checkpoint a diverged state
+            ckpt.save(step, state, train_iter)
+            saved_step = step
+          if preempted:
+            writer.message(
+              f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume"
+            )
+            break
+    finally:
+      # 6. Finish: let in-flight async saves land, also when a step raised.
+      profiler.close()
+      try:
+        ckpt.close()
+      finally:
+        writer.close()
   logging.info("finished at step %d (last checkpoint %d): %s", step, saved_step, json.dumps(last))
   return last
