@@ -26,7 +26,9 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
+from attnlab import config as config_lib
 from attnlab import errors
 
 VERBOSE_ENV = "ATTNLAB_VERBOSE"
@@ -180,3 +182,22 @@ def _program_name() -> str:
   if spec is not None and spec.name:
     return spec.name
   return os.path.basename(sys.argv[0]) if sys.argv else "attnlab"
+
+
+def define_config_overrides() -> flags.FlagHolder:
+  """Defines (once) the `--config.x.y=value` flag of the command lines that
+  load a workdir (evaluate, sample). Overrides parse with ml_collections'
+  config_flags semantics against the base config (typed, unknown keys are an
+  error); `override_values(holder)` then applies to the run's saved config."""
+  if "config" in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS["config"])
+  return config_flags.DEFINE_config_dict(
+    "config",
+    config_lib.base_config(),
+    "Overrides of the run's saved config, e.g. --config.model.mixer.softplus.power=15.",
+  )
+
+
+def override_values(holder: flags.FlagHolder) -> dict[str, Any]:
+  """The overrides given on the command line, flattened ('a.b.c' -> value)."""
+  return dict(flags.FLAGS[holder.name].override_values)

@@ -248,7 +248,7 @@ def load_config(workdir: str, overrides: Mapping[str, Any] | None = None) -> Con
   Args:
     workdir: a training workdir (holds config.json).
     overrides: flattened 'a.b.c' -> value, e.g. {'model.mixer.softplus.power': 15.0}
-      (`override_values` of the `define_config_overrides` flag).
+      (`cli.override_values` of the `cli.define_config_overrides` flag).
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.isdir(workdir):

@@ -44,7 +44,7 @@ def _define_flags() -> None:
   )
   flags.DEFINE_integer("tokens", 65_536, "Held-out tokens per length.", lower_bound=1)
   flags.DEFINE_integer("bucket", 128, "Position bucket of the loss curve.", lower_bound=1)
-  _CONFIG = loader.define_config_overrides()
+  _CONFIG = cli.define_config_overrides()
 
 
 def evaluate_length(
@@ -111,7 +111,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
-  overrides = loader.override_values(_CONFIG) if _CONFIG is not None else {}
+  overrides = cli.override_values(_CONFIG) if _CONFIG is not None else {}
   model, config, step = loader.load_model(flags.FLAGS.workdir, overrides=overrides)
   results = []
   for seq_len in (int(s) for s in flags.FLAGS.seq_lens):

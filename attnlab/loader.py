@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-from absl import flags
 from flax import nnx
 from jax.sharding import Mesh
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 from attnlab import checkpoint, errors, sharding, train_state
 from attnlab import config as config_lib
@@ -84,22 +83,3 @@ def check_overrides_keep_shapes(
       f"{given} changes the shapes of the saved run's parameters, so its checkpoint "
       "cannot load; only overrides that keep them work (e.g. model.mixer.softplus.power)"
     )
-
-
-def define_config_overrides() -> flags.FlagHolder:
-  """Defines (once) the `--config.x.y=value` flag of the command lines that
-  load a workdir (evaluate, sample). Overrides parse with ml_collections'
-  config_flags semantics against the base config (typed, unknown keys are an
-  error); `override_values(holder)` then applies to the run's saved config."""
-  if "config" in flags.FLAGS:
-    return flags.FlagHolder(flags.FLAGS, flags.FLAGS["config"])
-  return config_flags.DEFINE_config_dict(
-    "config",
-    config_lib.base_config(),
-    "Overrides of the run's saved config, e.g. --config.model.mixer.softplus.power=15.",
-  )
-
-
-def override_values(holder: flags.FlagHolder) -> dict[str, Any]:
-  """The overrides given on the command line, flattened ('a.b.c' -> value)."""
-  return dict(flags.FLAGS[holder.name].override_values)

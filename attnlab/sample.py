@@ -10,12 +10,10 @@ model is built.
 
 import sys
 
-import jax
-import numpy as np
 from absl import flags, logging
 
-from attnlab import cli, errors, generate, loader
-from attnlab.data import tokenizers
+# jax and the model code are imported in main, after the flags have been checked.
+from attnlab import cli, errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (text tokenizers).")
@@ -40,7 +38,13 @@ def main(argv):
   if not _PROMPT_IDS.value and _PROMPT.value is None:
     raise errors.UsageError("give --prompt=TEXT or --prompt_ids=ID,ID,...")
   logging.set_verbosity(logging.WARNING)
-  overrides = loader.override_values(_CONFIG) if _CONFIG is not None else {}
+  import jax
+  import numpy as np
+
+  from attnlab import generate, loader
+  from attnlab.data import tokenizers
+
+  overrides = cli.override_values(_CONFIG) if _CONFIG is not None else {}
   model, config, step = loader.load_model(_WORKDIR.value, overrides=overrides)
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   if _PROMPT_IDS.value:
@@ -70,5 +74,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _CONFIG = loader.define_config_overrides()
+  _CONFIG = cli.define_config_overrides()
   cli.run(main)

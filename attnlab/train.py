@@ -10,7 +10,9 @@ Rerunning the same command resumes from the workdir's latest checkpoint.
 from absl import flags, logging
 from ml_collections import config_flags
 
-from attnlab import cli, errors, trainer
+# The trainer (jax, flax, orbax, grain) is imported in main: a mistyped flag or
+# config file fails in half a second instead of after those imports.
+from attnlab import cli, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, optionally with :key=value,... arguments.", lock_config=True
@@ -44,9 +46,12 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
+  config = cli.config_file_value(_CONFIG)
+  from attnlab import trainer
+
   # Bad input raises errors.UsageError (validate.ConfigError included): cli.run
   # prints its one line and exits 2; any other failure exits 1.
-  trainer.train_and_evaluate(cli.config_file_value(_CONFIG), _WORKDIR.value)
+  trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

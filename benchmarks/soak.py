@@ -62,6 +62,16 @@ def _proc_fds(pid: int) -> int | None:
     return None
 
 
+def _proc_cpu_s(pid: int) -> float | None:
+  """User + system CPU seconds of the process so far. Unlike wall time per
+  step it hardly moves when other work shares the host, so drift shows in it."""
+  try:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _checkpoints_on_disk(workdir: pathlib.Path) -> int:
   directory = workdir / "checkpoints"
   if not directory.is_dir():
@@ -157,6 +167,7 @@ def soak(args) -> pathlib.Path:
           "wall_s": round(time.time() - start, 1),
           "rss_mb": _proc_rss_mb(child.pid),
           "open_fds": _proc_fds(child.pid),
+          "cpu_s": _proc_cpu_s(child.pid),
           "checkpoints_on_disk": _checkpoints_on_disk(workdir),
           "step_ms": round(1e3 * tokens_per_step / float(np.median(rates)), 3) if rates else None,
           "eval_loss": next((r["eval/loss"] for r in reversed(window) if "eval/loss" in r), None),
@@ -195,6 +206,17 @@ def summarize(rows: list[dict], warmup: int, keep: int) -> dict:
 
   times = [r["step_ms"] for r in after if r["step_ms"] is not None]
   first, last = float(np.median(times[:5])), float(np.median(times[-5:]))
+  # CPU time per step between consecutive samples (evaluation and saves included,
+  # which recur at the same rate): the drift check when recorded.
+  cpu = [
+    1e3 * (b["cpu_s"] - a["cpu_s"]) / (b["step"] - a["step"])
+    for a, b in zip(after, after[1:])
+    if a.get("cpu_s") is not None and b.get("cpu_s") is not None and b["cpu_s"] >= a["cpu_s"]
+  ]
+  cpu_first, cpu_last = (
+    (float(np.median(cpu[:5])), float(np.median(cpu[-5:]))) if len(cpu) >= 5 else (None, None)
+  )
+  drift = (cpu_last / cpu_first - 1) if cpu_first else (last / first - 1)
 
   def ends_median(key):  # medians of the first and last five samples: robust to one busy moment
     values = [r[key] for r in after]
@@ -208,7 +230,7 @@ def summarize(rows: list[dict], warmup: int, keep: int) -> dict:
     "rss_flat": rss1 - rss0 <= MAX_RSS_RISE_FRACTION * rss0,
     "fds_flat": fd1 - fd0 <= MAX_FD_RISE,
     "retention": max(checkpoints) <= keep and final_checkpoints == keep,
-    "step_time_steady": abs(last / first - 1) <= MAX_STEP_TIME_DRIFT,
+    "step_time_steady": abs(drift) <= MAX_STEP_TIME_DRIFT,
   }
   return {
     **result,
@@ -229,6 +251,9 @@ def summarize(rows: list[dict], warmup: int, keep: int) -> dict:
     "step_ms_first5": round(first, 3),
     "step_ms_last5": round(last, 3),
     "step_time_drift": round(last / first - 1, 3),
+    "cpu_ms_per_step_first5": None if cpu_first is None else round(cpu_first, 3),
+    "cpu_ms_per_step_last5": None if cpu_last is None else round(cpu_last, 3),
+    "cpu_time_drift": None if cpu_first is None else round(cpu_last / cpu_first - 1, 3),
     "returncode": ends[-1]["returncode"] if ends else None,
     "checks": checks,
     "verdict": "pass" if all(checks.values()) and ends and ends[-1]["returncode"] == 0 else "fail",
@@ -240,8 +265,9 @@ def markdown(paths: list[pathlib.Path]) -> str:
   lines = [
     "| variant | steps | RSS MB first → last sample (slope /10K) "
     "| open fds first → last (slope /10K) "
-    "| checkpoints on disk (max, end; keep) | step ms first → last (drift) | wall | verdict |",
-    "|---|---|---|---|---|---|---|---|",
+    "| checkpoints on disk (max, end; keep) | wall ms/step first → last (drift) "
+    "| CPU ms/step first → last (drift) | wall | verdict |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   notes = []
   for path in paths:
@@ -260,7 +286,13 @@ def markdown(paths: list[pathlib.Path]) -> str:
       f"| {s['fds_first']} → {s['fds_last']} ({s['fd_slope_per_10k']:+.2f}) "
       f"| {s['checkpoints_max']}, {s['checkpoints_final']}; {keep} "
       f"| {s['step_ms_first5']:.2f} → {s['step_ms_last5']:.2f} ({s['step_time_drift']:+.1%}) "
-      f"| {wall / 60:.0f} min | {s['verdict']}{' (' + ', '.join(failed) + ')' if failed else ''} |"
+      + (
+        f"| {s['cpu_ms_per_step_first5']:.2f} → {s['cpu_ms_per_step_last5']:.2f} "
+        f"({s['cpu_time_drift']:+.1%}) "
+        if s["cpu_time_drift"] is not None
+        else "| not recorded "
+      )
+      + f"| {wall / 60:.0f} min | {s['verdict']}{' (' + ', '.join(failed) + ')' if failed else ''} |"
     )
     notes.append(
       f"- {settings['attention']}: {settings['date']}, jax {settings['jax']}, commit "

@@ -81,6 +81,7 @@ CASES = [
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.model.attention=flash", 2, "unknown attention variant(s) ['flash']", "unknown variant"),
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.optim.grad_accum_steps=3", 2, "does not split into optim.grad_accum_steps=3", "batch that does not split into microbatches"),
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.optim.lr=-0.1", 2, "optim.lr=-0.1 must be positive", "negative learning rate"),
+  Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.data.task=tfds --config.data.tfds_name=text_corpus --config.data.data_dir={{empty}} --config.data.vocab_size=257 --config.model.vocab_size=257", 2, "is empty; prepare 'text_corpus' there first", "empty dataset directory"),
   Case(TRAIN, "--config=configs/tiny.py:attention=linear --workdir={run}", 2, "holds checkpoints of a different model (model.attention='softmax' there, 'linear' here)", "workdir of another variant"),
   Case(TRAIN, f"{TINY} --workdir=/proc/attnlab_w", 2, "is not writable", "workdir that cannot be written"),
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w extra", 2, "unexpected arguments: ['extra']", "stray positional argument"),
