@@ -24,6 +24,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from attnlab import config as config_lib
 from attnlab import errors
 
 # Fields that differ between runs of one config but say nothing about the run.
@@ -61,15 +62,8 @@ def read_metrics(run: str) -> list[dict[str, Any]]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(flatten(value, name + "."))
-    else:
-      out[name] = json.dumps(value) if isinstance(value, list) else value
-  return out
+# One flattening of nested configs, shared with validate's resume check.
+flatten = config_lib.flatten
 
 
 def _config(run: str) -> dict[str, Any]:

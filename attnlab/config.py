@@ -275,3 +275,15 @@ def _fill_missing(saved: dict, defaults: dict) -> dict:
     elif isinstance(default, dict) and isinstance(out[key], dict):
       out[key] = _fill_missing(out[key], default)
   return out
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = json.dumps(value) if isinstance(value, list) else value
+  return out

@@ -192,16 +192,6 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from e
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def check_resume(config: ConfigDict, workdir: str) -> None:
   """A workdir with checkpoints of another model cannot be resumed: restoring
   fails deep inside orbax when parameter shapes differ, and silently trains the
@@ -227,8 +217,8 @@ def check_resume(config: ConfigDict, workdir: str) -> None:
     config.model
   ):
     return
-  old = _flat(json.loads(saved.model.to_json_best_effort()))
-  new = _flat(json.loads(config.model.to_json_best_effort()))
+  old = config_lib.flatten(json.loads(saved.model.to_json_best_effort()))
+  new = config_lib.flatten(json.loads(config.model.to_json_best_effort()))
   diffs = [
     f"model.{k}={old.get(k)!r} there, {new.get(k)!r} here"
     for k in sorted(new)

@@ -119,6 +119,14 @@ def loss_by_step(workdir) -> dict[int, float]:
   return {r["step"]: r["train/loss"] for r in metric_rows(workdir)}
 
 
+def assert_same_losses(reference, workdir, steps: range, *, rtol: float) -> None:
+  """`workdir` logged every step 1..steps.stop-1 (a rerun's rows win), and its
+  losses over `steps` equal those of the uninterrupted `reference` run."""
+  expected, got = loss_by_step(reference), loss_by_step(workdir)
+  assert sorted(got) == list(range(1, steps.stop))
+  np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=rtol)
+
+
 def free_port() -> int:
   """A free TCP port on 127.0.0.1 (for jax.distributed's coordinator)."""
   with socket.socket() as s:

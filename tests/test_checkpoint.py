@@ -22,7 +22,14 @@ import pytest
 import attnlab.data
 from attnlab import checkpoint, train_state, trainer
 
-from .conftest import REPO, TINY_RUN_FLAGS, free_port, loss_by_step, metric_rows, tiny_config
+from .conftest import (
+  REPO,
+  TINY_RUN_FLAGS,
+  assert_same_losses,
+  free_port,
+  metric_rows,
+  tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -272,12 +279,7 @@ def test_sigkill_during_an_async_save_resumes_to_the_same_losses(tmp_path):
   steps = [r["step"] for r in metric_rows(workdir)]
   rerun = steps[complete[-1] - _TOTAL :]
   assert steps.count(1) == 1 and rerun == list(range(complete[-1] + 1, _TOTAL + 1))
-  expected, got = loss_by_step(reference), loss_by_step(workdir)  # later rows win
-  assert sorted(got) == list(range(1, _TOTAL + 1))
-  np.testing.assert_allclose(
-    [got[s] for s in range(1, _TOTAL + 1)], [expected[s] for s in range(1, _TOTAL + 1)],
-    rtol=1e-5,
-  )  # fmt: skip
+  assert_same_losses(reference, workdir, range(1, _TOTAL + 1), rtol=1e-5)
 
 
 def test_two_process_resume_gives_the_same_losses(tmp_path):

@@ -15,12 +15,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from attnlab import checkpoint, metrics, trainer
 
-from .conftest import REPO, loss_by_step, metric_rows, tiny_config
+from .conftest import REPO, assert_same_losses, metric_rows, tiny_config
 
 _TOTAL = 30
 _FLAGS = [
@@ -109,12 +108,7 @@ def test_disk_full_at_a_save_stops_cleanly_and_resumes_to_the_same_losses(tmp_pa
   resumed = _train(workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert _steps_on_disk(workdir) == ["10", "20", "30"]
-  expected, got = loss_by_step(reference), loss_by_step(workdir)  # rerun rows win
-  assert sorted(got) == list(range(1, _TOTAL + 1))
-  np.testing.assert_allclose(
-    [got[s] for s in range(11, _TOTAL + 1)], [expected[s] for s in range(11, _TOTAL + 1)],
-    rtol=1e-6,
-  )  # fmt: skip
+  assert_same_losses(reference, workdir, range(11, _TOTAL + 1), rtol=1e-6)
 
 
 def test_a_write_that_runs_out_of_space_is_removed_and_named(tmp_path):
