@@ -158,7 +158,8 @@ def soak(args) -> pathlib.Path:
     while rows and next_sample is not None and rows[-1]["step"] >= next_sample:
       window = [r for r in rows if next_sample - args.sample_every < r["step"] <= next_sample]
       rates = [r["train/tokens_per_sec"] for r in window if "train/tokens_per_sec" in r]
-      tokens_per_step = 32 * 64
+      saved = json.loads((workdir / "config.json").read_text())  # the run's own batch shape
+      tokens_per_step = saved["data"]["batch_size"] * saved["data"]["seq_len"]
       _write(
         out,
         {
