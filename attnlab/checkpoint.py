@@ -14,6 +14,7 @@ deleted, and a later save of the same step does not collide with it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -27,6 +28,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 _UNFINISHED = ".orbax-checkpoint-tmp"
+# Written by `python -m attnlab.convert` beside config.json: where the workdir's
+# parameters came from, and the one step it wrote, which has no data position.
+CONVERTED_FILE = "converted.json"
 
 
 # A checkpoint takes about its arrays' bytes on disk (OCDBT, uncompressed),
@@ -223,27 +227,33 @@ class Checkpointer:
     The data iterator, if given, is restored in place.
     """
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    if data_iterator is not None and not self._without_data(step):
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def _without_data(self, step: int) -> bool:
+    """A step written by `python -m attnlab.convert` (recorded in the workdir's
+    converted.json) holds no data-iterator state: no pipeline produced it, so a
+    run resumed from it starts its data at the beginning. Any other step
+    without one is damaged, and restoring it fails as before."""
+    marker = os.path.join(os.path.dirname(self.directory), CONVERTED_FILE)
+    if os.path.isdir(os.path.join(self.directory, str(step), "data")) or not os.path.isfile(marker):
+      return False
+    with open(marker) as f:
+      return json.load(f).get("step") == step
+
+  def save_without_data(self, step: int, state: Any) -> None:
+    """Saves a train state that no data pipeline produced (a converted
+    checkpoint: see `_without_data`) and waits until it is on disk."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    self.manager.wait_until_finished()
 
   def restore_part(self, step: int, abstract_part: dict) -> dict:
     """Restores only the top-level entries of the state named in
     `abstract_part` (e.g. {'params': ...}, ShapeDtypeStructs with shardings):
     the rest (the optimizer state, twice the parameters' size) is never read."""
-    path = os.path.join(self.directory, str(step), "state")
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
-    with ocp.PyTreeCheckpointer() as reader:
-      return reader.restore(
-        path,
-        args=ocp.args.PyTreeRestore(
-          item=abstract_part,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part),
-          partial_restore=True,
-        ),
-      )
+    return read_part(self.directory, step, abstract_part)
 
   def close(self) -> None:
     try:
@@ -252,6 +262,32 @@ class Checkpointer:
       raise self._translated(error, None) from error
     finally:
       self.manager.close()
+
+
+def read_part(directory: str, step: int, abstract_part: dict) -> dict:
+  """`Checkpointer.restore_part` of the checkpoint directory `directory`, read
+  without a manager: nothing in `directory` is moved or created (it may be
+  another run's, even one still training)."""
+  path = os.path.join(directory, str(step), "state")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint at step {step} in {directory}")
+  with ocp.PyTreeCheckpointer() as reader:
+    return reader.restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+        item=abstract_part,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part),
+        partial_restore=True,
+      ),
+    )
+
+
+def finished_steps(directory: str) -> list[int]:
+  """The complete steps in a checkpoint directory, oldest first, read from its
+  listing (unfinished saves are named `<step>.orbax-checkpoint-tmp-*`)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def _first_line(error: Exception) -> str:

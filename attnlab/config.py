@@ -128,6 +128,10 @@ def base_config() -> ConfigDict:
   # "START,END": a jax profiler trace of train steps START..END (inclusive),
   # written to <workdir>/tensorboard (TensorBoard's Profile tab). "" = none.
   c.profile_steps = ""
+  # A workdir (trained, or written by `python -m attnlab.convert`): a run starting from
+  # scratch takes every parameter of its latest checkpoint whose path and shape match
+  # (attnlab/warm_start.py); the rest start fresh. Ignored when resuming. "" = none.
+  c.init_from = ""
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = DEFAULT_RULES
@@ -145,6 +149,13 @@ def base_config() -> ConfigDict:
   m.rope = placeholder(bool)  # None: the variant's default
   m.rope_theta = 10_000.0
   m.rope_fraction = 1.0  # share of head_dim rotated; the rest is position-free
+  # RoPE frequency scaling of long-context checkpoints (`layers.rope_frequencies`):
+  # type '' (none), 'linear' (every frequency / factor) or 'llama3' (Llama 3.1's
+  # wavelength-dependent interpolation between low_freq_factor and high_freq_factor
+  # over original_max_len tokens).
+  m.rope_scaling = ConfigDict(
+    dict(type="", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=8192)
+  )
   m.qk_norm = False
   m.canon_conv = 0  # k > 0: mixer input h + causal depthwise conv_k(h) (Canon layer)
   m.qkv_bias = False  # biases on q/k/v give position-only heads a content-free direction
@@ -171,12 +182,16 @@ def base_config() -> ConfigDict:
   d.train_split = "train"
   d.eval_split = "validation"
   d.text_key = "text"
-  d.tokenizer = "byte"  # byte | path to a SentencePiece model
+  d.tokenizer = "byte"  # byte | path to a SentencePiece .model | a Hugging Face tokenizer.json
   d.prepare_from = placeholder(str)  # directory of .txt files to build from
-  # Packed documents: batches carry segment_ids, mixers keep documents apart (only
-  # gated_deltanet and linear support it; others raise) and the loss skips targets
-  # that start a new document. False: documents run into each other.
+  # Packed documents: batches carry segment_ids, every mixer keeps documents apart
+  # (attention within the document, positions and states restart) and the loss skips
+  # targets that start a new document. False: documents run into each other.
   d.pack = False
+  # With pack: every document starts at a multiple of this many tokens (padding with
+  # weight 0 in between). NAtS-L needs a multiple of its block_size, so that no routing
+  # block spans two documents; 1 packs tightly.
+  d.pack_align = 1
 
   o = c.optim = ConfigDict()
   o.lr = 3e-3

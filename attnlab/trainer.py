@@ -29,7 +29,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from attnlab import checkpoint, data, flops, metrics, optim, sharding, train_state, validate
+from attnlab import (
+  checkpoint,
+  data,
+  flops,
+  metrics,
+  optim,
+  sharding,
+  train_state,
+  validate,
+  warm_start,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -258,6 +268,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     writer.message(f"resumed from {ckpt.directory} at step {latest}")
   else:
     state = placed.create(jax.random.key(config.seed))
+    if config.init_from:  # a run starting from another's parameters (not on resume)
+      state, report = warm_start.load(config, placed, state)
+      writer.message(warm_start.describe(report))
+      if process_index == 0:
+        with open(os.path.join(workdir, warm_start.REPORT_FILE), "w") as f:
+          json.dump(report, f, indent=1)
     if process_index == 0:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, "config.json"), "w") as f:

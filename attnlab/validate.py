@@ -139,6 +139,37 @@ def check_batch(config: ConfigDict, devices: int, processes: int) -> None:
     )
 
 
+def check_packing(config: ConfigDict) -> None:
+  """data.pack needs every layer's mixer to keep documents apart, and NAtS-L
+  needs documents aligned to its blocks."""
+  data = config.data
+  if not data.get("pack", False):
+    return
+  names = set(layer_names(config.model))
+  unsupported = sorted(names - set(registry.packing_names()))
+  if unsupported:
+    raise ConfigError(
+      f"data.pack=True (packed documents) is not supported by {unsupported}; "
+      f"packing works with {registry.packing_names()}. Set data.pack=False."
+    )
+  align = data.get("pack_align", 1)
+  if align < 1:
+    raise ConfigError(f"data.pack_align={align} must be a positive number of tokens")
+  if data.seq_len % align:
+    raise ConfigError(
+      f"data.pack_align={align} does not divide data.seq_len={data.seq_len}: windows would "
+      "not start on an aligned position"
+    )
+  if "nats_l" in names:
+    block = config.model.mixer.nats_l.block_size
+    if align % block:
+      raise ConfigError(
+        f"data.pack=True with NAtS-L needs documents that start on block boundaries: set "
+        f"--config.data.pack_align={block} (a multiple of model.mixer.nats_l.block_size="
+        f"{block}; now {align}), so that no routing block spans two documents"
+      )
+
+
 def check_data(data: ConfigDict) -> None:
   from attnlab.data import synthetic  # numpy only
 
@@ -165,7 +196,8 @@ def check_data(data: ConfigDict) -> None:
     tokenizers.check_vocab_size(tokenizers.get_tokenizer(data.tokenizer), data.vocab_size)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  if data.prepare_from:
+  # prepare_from builds only `text_corpus` (text.open_source); other datasets ignore it.
+  if data.prepare_from and data.tfds_name == "text_corpus":
     source = data.prepare_from
     if not os.path.isdir(source):
       raise ConfigError(f"data.prepare_from={source!r} is not a directory")
@@ -231,6 +263,23 @@ def check_resume(config: ConfigDict, workdir: str) -> None:
   )
 
 
+def check_init_from(config: ConfigDict, workdir: str) -> None:
+  """config.init_from, for a run that starts from scratch (a resumed run
+  ignores it): a workdir with a checkpoint whose parameters fit this model's
+  (attnlab/warm_start.py says which mismatches stop the run, and why)."""
+  if not config.get("init_from"):
+    return
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
+    return
+  from attnlab import warm_start  # builds abstract models: only when it is used
+
+  try:
+    warm_start.match(config)
+  except errors.UsageError as error:
+    raise ConfigError(str(error)) from None
+
+
 def check_run(config: ConfigDict, workdir: str) -> None:
   """Every check above, in the order a user would want to hear about them."""
   check_sizes(config)
@@ -240,7 +289,9 @@ def check_run(config: ConfigDict, workdir: str) -> None:
       f"data.vocab_size={config.data.vocab_size}"
     )
   check_model(config.model)
+  check_packing(config)
   check_batch(config, jax.device_count(), jax.process_count())
   check_data(config.data)
   check_workdir(workdir)
   check_resume(config, workdir)
+  check_init_from(config, workdir)

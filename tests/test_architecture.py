@@ -37,6 +37,8 @@ LAYERS = (
       "attnlab.validate",
       "attnlab.train_state",
       "attnlab.generate",
+      "attnlab.hf",
+      "attnlab.warm_start",
     ),
   ),
   ("runs", ("attnlab.trainer", "attnlab.loader", "attnlab.analysis")),
@@ -50,6 +52,7 @@ LAYERS = (
       "attnlab.sweep",
       "attnlab.compare",
       "attnlab.plan",
+      "attnlab.convert",
     ),
   ),
 )

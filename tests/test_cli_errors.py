@@ -10,12 +10,16 @@ that its README row is current, so the table cannot go stale.
 Placeholders in the arguments: {tmp} a fresh directory, {run} a trained
 4-step tiny softmax run, {empty} an empty directory, {fresh} a workdir with a
 config.json and no checkpoint, {bad_config} a config file with a syntax error, {no_sweep} a Python
-file without get_sweep().
+file without get_sweep(), {docs} a JSON-lines file whose records have the fields body and id,
+{bad_parquet} a .parquet file that is not Parquet, {bad_tokenizer} a .json file that is not a
+tokenizer, {hf_mixtral} and {hf_yarn} Hugging Face checkpoint directories (config.json only) of
+an architecture and a RoPE scaling that attnlab.convert does not take.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -63,6 +67,7 @@ PLAN, SWEEP, COMPARE, PREPARE = (
   "attnlab.data.prepare",
 )
 REPORT = "benchmarks.kernel_report"
+CONVERT = "attnlab.convert"
 TINY = "--config=configs/tiny.py"
 
 CASES = [
@@ -81,10 +86,15 @@ CASES = [
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.model.attention=flash", 2, "unknown attention variant(s) ['flash']", "unknown variant"),
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.optim.grad_accum_steps=3", 2, "does not split into optim.grad_accum_steps=3", "batch that does not split into microbatches"),
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.optim.lr=-0.1", 2, "optim.lr=-0.1 must be positive", "negative learning rate"),
+  Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.model.attention=nats_l --config.data.pack=True", 2, "needs documents that start on block boundaries", "packed NAtS-L rows not aligned to its blocks"),
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.data.task=tfds --config.data.tfds_name=text_corpus --config.data.data_dir={{empty}} --config.data.vocab_size=257 --config.model.vocab_size=257", 2, "is empty; prepare 'text_corpus' there first", "empty dataset directory"),
+  Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.data.task=tfds --config.data.tfds_name=my_corpus --config.data.tokenizer={{bad_tokenizer}}", 2, "is not a Hugging Face tokenizer.json", "tokenizer.json that is not a tokenizer"),
   Case(TRAIN, "--config=configs/tiny.py:attention=linear --workdir={run}", 2, "holds checkpoints of a different model (model.attention='softmax' there, 'linear' here)", "workdir of another variant"),
   Case(TRAIN, f"{TINY} --workdir=/proc/attnlab_w", 2, "is not writable", "workdir that cannot be written"),
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w extra", 2, "unexpected arguments: ['extra']", "stray positional argument"),
+  Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.init_from={{tmp}}/nowhere", 2, "does not exist; give a workdir", "init_from that does not exist"),
+  Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.init_from={{fresh}}", 2, "holds no checkpoint yet", "init_from without a checkpoint"),
+  Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.init_from={{run}} --config.model.d_model=32", 2, "parameters have another shape there", "init_from of another size"),
   Case(TRAIN, f"{TINY} --workdir={{tmp}}/w --config.optim.lr=1e9 --config.optim.warmup_steps=0 --config.total_steps=40 --config.log_every=5 --config.eval_every=0 --config.checkpoint_every=0", 1, "NonFiniteLossError: training loss is", "a run that diverges (runtime)"),
   Case(EVAL, "--workdir={tmp}/nowhere", 2, "does not exist; give a training workdir", "workdir that does not exist"),
   Case(EVAL, "--workdir={empty}", 2, "is not a training workdir", "directory that is not a workdir"),
@@ -113,10 +123,26 @@ CASES = [
   Case(COMPARE, "", 2, "give runs to compare", "no runs"),
   Case(COMPARE, "{tmp}/nowhere", 2, "is neither a run nor a directory of runs", "path that does not exist"),
   Case(COMPARE, "{empty}", 2, "no metrics.jsonl under", "directory without runs"),
-  Case(PREPARE, "", 2, "--source_dir is required", "no --source_dir"),
+  Case(PREPARE, "", 2, "give --source_dir=DIR (.txt files) or --source=DIR_OR_GLOB", "no source"),
+  Case(PREPARE, "--source_dir={empty} --source={empty}", 2, "give one of --source_dir and --source, not both", "both kinds of source"),
   Case(PREPARE, "--source_dir={tmp}/nowhere", 2, "no such directory", "source directory that does not exist"),
   Case(PREPARE, "--source_dir={empty}", 2, "no .txt files under", "source directory without text"),
   Case(PREPARE, "--source_dir={empty} --train_tokenizer=-5", 2, "-5 is not a non-negative integer", "negative vocabulary"),
+  Case(PREPARE, "--source_dir={empty} --text_field=body", 2, "--text_field applies to --source only", "flag of --source with --source_dir"),
+  Case(PREPARE, "--source={tmp}/nowhere/*.parquet --data_dir={tmp}/d", 2, "no file matches it as a glob", "source glob that matches nothing"),
+  Case(PREPARE, "--source={empty} --data_dir={tmp}/d", 2, "no Parquet or JSON-lines files", "source directory without Parquet or JSON lines"),
+  Case(PREPARE, "--source={docs} --data_dir={tmp}/d", 2, "no field 'text'; its fields: body, id", "missing text field"),
+  Case(PREPARE, "--source={docs} --text_field=id --data_dir={tmp}/d", 2, "field 'id' holds a number, not a string", "text field that is not a string"),
+  Case(PREPARE, "--source={bad_parquet} --data_dir={tmp}/d", 2, "is not a readable Parquet file", "file that is not Parquet"),
+  Case(PREPARE, "--source={docs} --text_field=body --dataset_name=lm1b --data_dir={tmp}/d", 2, "is a dataset of tfds's catalogue", "dataset name of the tfds catalogue"),
+  Case(PREPARE, "--source={docs} --text_field=body --train_tokenizer=100 --tokenizer_kind=hf --data_dir={tmp}/d", 2, "too small for a hf tokenizer", "vocabulary too small for a BPE"),
+  Case(CONVERT, "--workdir={tmp}/w", 2, "give one of --from_hf=DIR", "neither --from_hf nor --to_hf"),
+  Case(CONVERT, "--from_hf={tmp}/nowhere --workdir={tmp}/w", 2, "no such directory", "checkpoint directory that does not exist"),
+  Case(CONVERT, "--from_hf={empty} --workdir={tmp}/w", 2, "holds no config.json", "directory without config.json"),
+  Case(CONVERT, "--from_hf={hf_mixtral} --workdir={tmp}/w", 2, "unsupported architecture 'MixtralForCausalLM'", "architecture the trunk does not compute"),
+  Case(CONVERT, "--from_hf={hf_yarn} --workdir={tmp}/w", 2, "rope_scaling of type 'yarn' is not supported", "RoPE scaling"),
+  Case(CONVERT, "--to_hf={tmp}/out --workdir={run}", 2, "model.canon_conv=4: Llama-family models have no Canon conv", "run that is not Llama-shaped"),
+  Case(CONVERT, "--to_hf={tmp}/out --workdir={tmp}/nowhere", 2, "does not exist; give a training workdir", "workdir that does not exist"),
   Case(REPORT, "--targets=h200", 2, "unknown --targets ['h200']", "unknown target"),
   Case(REPORT, "--seq_lens=2k", 2, "--seq_lens/--head_dims take integers", "length that is not a number"),
   Case(REPORT, "--from_json={tmp}/nowhere.jsonl", 2, "no such file", "results file that does not exist"),
@@ -139,12 +165,30 @@ def places(tmp_path_factory) -> dict[str, str]:
   (root / "empty").mkdir()
   (root / "bad_config.py").write_text("def get_config(:\n")
   (root / "no_sweep.py").write_text("SWEEP = []\n")
+  (root / "docs.jsonl").write_text('{"body": "To be, or not to be", "id": 1}\n')
+  (root / "bad.parquet").write_text("this is not Parquet\n")
+  (root / "bad_tokenizer.json").write_text('{"vocab": []}\n')
+  llama = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
+    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+  )  # fmt: skip
+  for name, config in (
+    ("hf_mixtral", dict(llama, architectures=["MixtralForCausalLM"], model_type="mixtral")),
+    ("hf_yarn", dict(llama, rope_scaling={"rope_type": "yarn", "factor": 8.0})),
+  ):
+    (root / name).mkdir()
+    (root / name / "config.json").write_text(json.dumps(config))
   return {
     "run": str(run),
     "fresh": str(fresh),
     "empty": str(root / "empty"),
     "bad_config": str(root / "bad_config.py"),
     "no_sweep": str(root / "no_sweep.py"),
+    "docs": str(root / "docs.jsonl"),
+    "bad_parquet": str(root / "bad.parquet"),
+    "bad_tokenizer": str(root / "bad_tokenizer.json"),
+    "hf_mixtral": str(root / "hf_mixtral"),
+    "hf_yarn": str(root / "hf_yarn"),
     "root": str(root),
   }
 

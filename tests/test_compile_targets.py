@@ -80,6 +80,40 @@ def test_tpu_kernel_compiles(topology, kind, dtype, d):
   assert 0 < used < chip.hbm_bytes
 
 
+def _packed(kind):
+  """(f(q, k, v, ls, segment_ids), argnums): a kernel backend's op on packed documents."""
+  from attnlab.ops.softmax import pallas_tpu as softmax_tpu
+  from attnlab.ops.softmax import splash
+  from attnlab.ops.softplus import pallas_tpu as softplus_tpu
+
+  if kind in ("softmax", "splash"):
+    module = splash if kind == "splash" else softmax_tpu
+    return (
+      lambda q, k, v, ls, seg: module.softmax_attention(q, k, v, logit_scale=ls, segment_ids=seg),
+      (0, 1, 2, 3),
+    )
+  power = {"lssa": None, "lssar": 15.0}[kind]
+  f = lambda q, k, v, ls, seg: softplus_tpu.softplus_attention(
+    q, k, v, power=power, segment_ids=seg
+  )
+  return f, (0, 1, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "topology,kind,dtype,d",
+  [("v5e:2x2", "lssar", jnp.bfloat16, 128), ("v6e:2x2", "softmax", jnp.float32, 68),
+   ("v5p:2x2x1", "splash", jnp.bfloat16, 64)],
+)  # fmt: skip
+def test_tpu_kernel_compiles_with_segments(topology, kind, dtype, d):
+  # Packed documents: int32 segment ids [B, T] beside the operands; the flash
+  # kernels scalar-prefetch per-block document starts, splash maps over the batch.
+  f, argnums = _packed(kind)
+  args = (*_args(T, 8, 2, d, dtype, batch=2), jax.ShapeDtypeStruct((2, T), jnp.int32))
+  _, hlo = compile_for_tpu(value_and_grads(f, argnums), args, topology)
+  assert hlo.count("tpu_custom_call") == KERNELS[kind], "XLA compiled instead of a Mosaic kernel"
+
+
 @pytest.mark.parametrize("kind", ["softmax", "lssa", "lssar"])
 def test_gpu_kernel_lowers_for_cuda(kind):
   f, argnums = _op(kind, None)
@@ -97,6 +131,24 @@ def test_gpu_kernel_lowers_for_cuda(kind):
 
   text = lower_for_cuda(value_and_grads(kernel, argnums), _args(300, 4, 2, 68, jnp.bfloat16))
   # Forward (on a GPU LSSAR's two passes are one kernel), dq and dk/dv.
+  assert text.count("__gpu$xla.gpu.triton") == 3, "part of it ran on the XLA path"
+
+
+@pytest.mark.parametrize("kind", ["softmax", "lssar"])
+def test_gpu_kernel_lowers_for_cuda_with_segments(kind):
+  from attnlab.ops.softmax import pallas_gpu as softmax_gpu
+  from attnlab.ops.softplus import pallas_gpu as softplus_gpu
+
+  def kernel(q, k, v, ls, seg):  # packed documents, the real Triton lowering
+    if kind == "softmax":
+      return softmax_gpu.softmax_attention(
+        q, k, v, logit_scale=ls, segment_ids=seg, interpret=False
+      )
+    return softplus_gpu.softplus_attention(q, k, v, power=15.0, segment_ids=seg, interpret=False)
+
+  argnums = (0, 1, 2, 3) if kind == "softmax" else (0, 1, 2)
+  args = (*_args(300, 4, 2, 68, jnp.bfloat16, batch=2), jax.ShapeDtypeStruct((2, 300), jnp.int32))
+  text = lower_for_cuda(value_and_grads(kernel, argnums), args)
   assert text.count("__gpu$xla.gpu.triton") == 3, "part of it ran on the XLA path"
 
 

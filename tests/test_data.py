@@ -204,6 +204,26 @@ def test_packing_yields_segment_ids_and_masks_targets_across_documents():
   assert "segment_ids" not in plain and plain["weights"].sum() == 12
 
 
+def test_aligned_packing_starts_every_document_on_a_block_boundary():
+  """data.pack_align (NAtS-L): documents start at multiples of the alignment, every real
+  (input, target) pair of a document appears once with weight 1, padding has weight 0."""
+  lengths = [5, 9, 3, 20, 7, 6, 1, 4]
+  docs, ds = _docs(lengths)
+  examples = list(text.pack_documents(ds, 12, segments=True, align=4))
+  seg = np.concatenate([ex["segment_ids"] for ex in examples])
+  weights = np.concatenate([ex["weights"] for ex in examples])
+  inputs = np.concatenate([ex["inputs"] for ex in examples])
+  targets = np.concatenate([ex["targets"] for ex in examples])
+  for ex in examples:
+    starts = np.flatnonzero(np.diff(ex["segment_ids"]) != 0) + 1
+    assert all(s % 4 == 0 for s in starts), ex["segment_ids"]
+  real = weights > 0
+  pairs = [(a, b) for d in docs for a, b in zip(d[:-1], d[1:])]
+  assert int(real.sum()) == len(pairs) == sum(n - 1 for n in lengths)
+  assert list(zip(inputs[real], targets[real])) == pairs  # in order, none lost or repeated
+  assert (seg[~real] >= 0).all() and (seg[real] > 0).all()
+
+
 def _packed_model(attention, **mixer):
   from attnlab.models import build_model
 
@@ -217,7 +237,17 @@ def _packed_model(attention, **mixer):
 @pytest.mark.slow
 @pytest.mark.parametrize(
   "attention,mixer",
-  [("gated_deltanet", dict(chunk_size=4, num_v_heads=4)), ("linear", dict(chunk_size=4))],
+  [
+    ("gated_deltanet", dict(chunk_size=4, num_v_heads=4)),
+    ("linear", dict(chunk_size=4)),
+    ("softmax", {}),
+    ("ssa", dict(alpha_init=1.0)),  # a position slope large enough to matter
+    ("softplus", {}),
+    ("softplus", dict(power=15)),
+    ("lucid", dict(block_size=4)),
+    ("soft", dict(chunk_size=4)),
+    ("nats_l", dict(block_size=4)),
+  ],
 )
 def test_packed_row_equals_documents_run_separately(attention, mixer):
   """Through the whole trunk (canon conv, short convs, mixer): logits and parameter
@@ -226,7 +256,8 @@ def test_packed_row_equals_documents_run_separately(attention, mixer):
   import jax.numpy as jnp
 
   model = _packed_model(attention, **mixer)
-  lengths = (6, 3, 9)
+  # NAtS-L's documents start on block boundaries (data.pack_align); the others' anywhere.
+  lengths = (8, 4, 12) if attention == "nats_l" else (6, 3, 9)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (1, sum(lengths))), jnp.int32)
   seg = jnp.asarray(np.repeat(np.arange(1, 4), lengths)[None], jnp.int32)
   cot = jnp.asarray(np.random.default_rng(2).normal(size=(1, sum(lengths), 50)), jnp.float32)
@@ -251,12 +282,3 @@ def test_packed_row_equals_documents_run_separately(attention, mixer):
     # float32 sums in another order: tolerance relative to the leaf's largest entry.
     atol = 2e-5 * max(1.0, float(np.max(np.abs(b))))
     np.testing.assert_allclose(a, b, atol=atol, rtol=2e-4, err_msg=jax.tree_util.keystr(path))
-
-
-def test_packing_with_an_unsupported_mixer_is_a_clear_error():
-  import jax.numpy as jnp
-
-  model = _packed_model("softmax")
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  with pytest.raises(ValueError, match="does not support packed sequences"):
-    model(tokens, jnp.ones((1, 8), jnp.int32))

@@ -114,6 +114,21 @@ def test_scan_layers_with_a_mixed_pattern(cli):
   )  # fmt: skip
 
 
+def test_packed_nats_l_needs_documents_aligned_to_its_blocks(cli):
+  _fails(
+    cli, r"set --config.data.pack_align=16",
+    "--config.model.attention=nats_l", "--config.model.mixer.nats_l.block_size=16",
+    "--config.data.pack=True",
+  )  # fmt: skip
+
+
+def test_pack_align_that_does_not_divide_seq_len(cli):
+  _fails(
+    cli, r"pack_align=48 does not divide data.seq_len",
+    "--config.data.pack=True", "--config.data.pack_align=48",
+  )  # fmt: skip
+
+
 _TEXT = ["--config.data.task=tfds", "--config.data.tfds_name=text_corpus"]
 
 

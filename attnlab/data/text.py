@@ -48,7 +48,10 @@ def open_source(data: ConfigDict, split: str):
     f"data_dir={data_dir!r}. Prepare it first, e.g.\n"
     f"  tfds build {data.tfds_name} --data_dir={data_dir} --file_format=array_record\n"
     "or, for a directory of .txt files,\n"
-    f"  python -m attnlab.data.prepare --source_dir=DIR --data_dir={data_dir}"
+    f"  python -m attnlab.data.prepare --source_dir=DIR --data_dir={data_dir}\n"
+    "or, for Parquet or JSON-lines files,\n"
+    f"  python -m attnlab.data.prepare --source=DIR_OR_GLOB --dataset_name={data.tfds_name} "
+    f"--data_dir={data_dir}"
   )
   try:
     builder = tfds.builder(data.tfds_name, data_dir=data_dir)
@@ -85,18 +88,32 @@ def lm_dataset(
     ids = tokenizer.encode(example[text_key])
     return {"tokens": np.append(ids, tokenizer.eos_id).astype(np.int32)}
 
-  ds = pack_documents(ds.map(tokenize).to_iter_dataset(), data.seq_len, segments=data.pack)
+  ds = pack_documents(
+    ds.map(tokenize).to_iter_dataset(), data.seq_len, segments=data.pack,
+    align=data.get("pack_align", 1),
+  )  # fmt: skip
   return ds.batch(batch_size, drop_remainder=True)
 
 
-def pack_documents(docs: grain.IterDataset, seq_len: int, *, segments: bool) -> grain.IterDataset:
+def pack_documents(
+  docs: grain.IterDataset, seq_len: int, *, segments: bool, align: int = 1
+) -> grain.IterDataset:
   """{tokens [n]} documents -> {inputs, targets, weights[, segment_ids]} windows [seq_len].
 
   Documents are concatenated and cut into windows of seq_len + 1 tokens (grain's
   concat-then-split; a document may continue into the next window). With
   `segments`, segment_ids are the inputs' document ids and the weight of a
   target in another document than its input is 0.
+
+  With `segments` and align > 1 (NAtS-L: its block size), every document starts
+  at a multiple of `align` within its window: each document becomes its own
+  (input, target) pairs, padded with weight-0 pairs to a multiple of `align`,
+  and windows are cut from the pairs (seq_len a multiple of align). Nothing is
+  lost against align = 1, where the target that starts a new document has
+  weight 0 anyway.
   """
+  if segments and align > 1:
+    return _aligned_pairs(docs, seq_len, align)
   ds = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
 
   def to_example(packed):
@@ -109,5 +126,38 @@ def pack_documents(docs: grain.IterDataset, seq_len: int, *, segments: bool) -> 
       example["segment_ids"] = seg[:-1].astype(np.int32)
     example["weights"] = weights.astype(np.float32)
     return example
+
+  return ds.map(to_example)
+
+
+def _aligned_pairs(docs: grain.IterDataset, seq_len: int, align: int) -> grain.IterDataset:
+  """`pack_documents` with documents starting at multiples of `align`."""
+  if seq_len % align:
+    raise ValueError(f"seq_len={seq_len} is not a multiple of pack_align={align}")
+
+  def to_pairs(doc):
+    tokens = doc["tokens"]
+    n = len(tokens) - 1
+    pad = -n % align
+    pairs = {
+      "inputs": np.pad(tokens[:-1], (0, pad)),
+      "targets": np.pad(tokens[1:], (0, pad)),
+      "weights": np.pad(np.ones(n, np.float32), (0, pad)),
+    }
+    return pairs
+
+  pairs = docs.filter(lambda doc: len(doc["tokens"]) > 1).map(to_pairs)
+  lengths = {"inputs": seq_len, "targets": seq_len, "weights": seq_len}
+  ds = grain.experimental.ConcatThenSplitIterDataset(pairs, length_struct=lengths)
+
+  def to_example(packed):
+    seg = packed["inputs_segment_ids"]
+    return {
+      "inputs": packed["inputs"].astype(np.int32),
+      "targets": packed["targets"].astype(np.int32),
+      # Padding after the last document of a finite split has segment id 0.
+      "weights": (packed["weights"] * (seg > 0)).astype(np.float32),
+      "segment_ids": seg.astype(np.int32),
+    }
 
   return ds.map(to_example)

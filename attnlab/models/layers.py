@@ -51,8 +51,52 @@ class RMSNorm(nnx.Module):
     return (normed * self.scale[...]).astype(x.dtype)
 
 
+# (type, factor, low_freq_factor, high_freq_factor, original_max_len), hashable for modules.
+RopeScaling = tuple[str, float, float, float, int]
+
+
+def rope_scaling(model) -> RopeScaling | None:
+  """config.model.rope_scaling as a RopeScaling, or None for unscaled RoPE."""
+  s = model.get("rope_scaling")
+  if not s or s.type in ("", "default"):
+    return None
+  if s.type not in ("linear", "llama3"):
+    raise ValueError(f"model.rope_scaling.type={s.type!r}: choose '', 'linear' or 'llama3'")
+  return (s.type, float(s.factor), float(s.low_freq_factor), float(s.high_freq_factor),
+          int(s.original_max_len))  # fmt: skip
+
+
+def rope_frequencies(half: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+  """[half] float32 angular frequencies θ^(−i/half) of RoPE, optionally scaled.
+
+  'linear' divides every frequency by the factor (position interpolation).
+  'llama3' (Llama 3.1) keeps wavelengths below original_max_len /
+  high_freq_factor, divides those above original_max_len / low_freq_factor by
+  the factor, and interpolates in between, linearly in original_max_len /
+  wavelength.
+  """
+  freqs = theta ** (-jnp.arange(0, half, dtype=jnp.float32) / half)
+  if scaling is None:
+    return freqs
+  kind, factor, low, high, original = scaling
+  if kind == "linear":
+    return freqs / factor
+  wavelength = 2 * jnp.pi / freqs
+  smooth = (original / wavelength - low) / (high - low)
+  mixed = (1 - smooth) * freqs / factor + smooth * freqs
+  return jnp.where(
+    wavelength < original / high,
+    freqs,
+    jnp.where(wavelength > original / low, freqs / factor, mixed),
+  )
+
+
 def apply_rope(
-  x: jax.Array, positions: jax.Array, theta: float, fraction: float = 1.0
+  x: jax.Array,
+  positions: jax.Array,
+  theta: float,
+  fraction: float = 1.0,
+  scaling: RopeScaling | None = None,
 ) -> jax.Array:
   """Rotary embedding, rotating half-split pairs (Llama/NeoX layout).
 
@@ -62,6 +106,7 @@ def apply_rope(
     theta: base of the frequencies.
     fraction: share of head_dim that is rotated (partial rotary, as in
       GPT-NeoX); the remaining dims stay position-free for content matching.
+    scaling: frequency scaling (`rope_frequencies`), or None.
   """
   d = x.shape[-1]
   rotated_dims = 2 * int(d * fraction // 2)
@@ -70,7 +115,7 @@ def apply_rope(
   x32 = x.astype(jnp.float32)
   x_rot, x_pass = x32[..., :rotated_dims], x32[..., rotated_dims:]
   half = rotated_dims // 2
-  freqs = theta ** (-jnp.arange(0, half, dtype=jnp.float32) / half)
+  freqs = rope_frequencies(half, theta, scaling)
   angles = positions.astype(jnp.float32)[..., None] * freqs  # [(B,) T, half]
   if angles.ndim == 2:
     angles = angles[None]

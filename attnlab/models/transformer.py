@@ -83,7 +83,8 @@ class Block(nnx.Module):
       if not getattr(self.mixer, "supports_segments", False):
         raise ValueError(
           f"mixer {self.mixer_name!r} does not support packed sequences (segment_ids, "
-          "data.pack=True); use gated_deltanet or linear, or set data.pack=False"
+          f"data.pack=True); use one of {attention.registry.packing_names()}, or set "
+          "data.pack=False"
         )
       x = x + self.mixer(self.mixer_input(x, segment_ids=segment_ids)[0], segment_ids=segment_ids)
     x = sharding.constrain(x, ("batch", "length", "embed"))

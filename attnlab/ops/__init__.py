@@ -7,6 +7,7 @@ path for the backend; 'xla' is the pure-jnp path and 'reference' the slow
 oracle used in tests.
 """
 
+from attnlab.ops._segments import positions as segment_positions
 from attnlab.ops.gated_delta.api import gated_delta_rule, gated_delta_rule_step
 from attnlab.ops.linear.api import linear_attention
 from attnlab.ops.lucid.api import lucid_attention, lucid_values
@@ -31,6 +32,7 @@ __all__ = [
   "lucid_attention",
   "lucid_values",
   "newton_inverse",
+  "segment_positions",
   "soft_attention",
   "softmax_attention",
   "softmax_attention_cached",

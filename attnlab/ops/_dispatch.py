@@ -114,7 +114,9 @@ class Dispatch:
   def best(self, *arrays: jax.Array | None) -> str:
     """The fastest path for the compile target and these inputs."""
     present = [a for a in arrays if a is not None]
-    if not all(jnp.dtype(a.dtype) in KERNEL_DTYPES for a in present):
+    # Integer inputs (segment ids) are bookkeeping, not operands.
+    operands = [a for a in present if not jnp.issubdtype(a.dtype, jnp.integer)]
+    if not all(jnp.dtype(a.dtype) in KERNEL_DTYPES for a in operands):
       return "xla"
     for kernel in self.preferred.get(target_platform(*present), ()):
       if self.eligible is None or self.eligible(kernel, present):

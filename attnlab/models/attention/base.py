@@ -65,6 +65,7 @@ class QKVProjection(nnx.Module):
     self.use_rope = use_rope
     self.rope_theta = model.rope_theta
     self.rope_fraction = model.rope_fraction
+    self.rope_scaling = layers.rope_scaling(model)
     self.shape = (h, hkv, hd)
 
   def project(self, x: jax.Array):
@@ -82,8 +83,8 @@ class QKVProjection(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.use_rope:
-      q = layers.apply_rope(q, positions, self.rope_theta, self.rope_fraction)
-      k = layers.apply_rope(k, positions, self.rope_theta, self.rope_fraction)
+      q = layers.apply_rope(q, positions, self.rope_theta, self.rope_fraction, self.rope_scaling)
+      k = layers.apply_rope(k, positions, self.rope_theta, self.rope_fraction, self.rope_scaling)
     return q, k
 
   def __call__(self, x: jax.Array, positions: jax.Array):

@@ -36,11 +36,13 @@ class LucidAttention(softmax.SoftmaxAttention):
     self.eps = options.eps
     self.block_size = options.block_size
 
-  def values(self, k: jax.Array, v: jax.Array) -> jax.Array:
-    """V′ = L⁻¹ V [B, T, Hkv, hd] from k, v [B, T, Hkv, hd] (see the module docstring)."""
+  def values(self, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """V′ = L⁻¹ V [B, T, Hkv, hd] from k, v [B, T, Hkv, hd] (see the module docstring);
+    with segment_ids [B, T] L is block diagonal by document."""
     v_prime = ops.lucid_values(
-      k, v, eps=self.eps, block_size=self.block_size, implementation=self.implementation
-    )
+      k, v, eps=self.eps, block_size=self.block_size, segment_ids=segment_ids,
+      implementation=self.implementation,
+    )  # fmt: skip
     return v_prime.astype(v.dtype)
 
   def cached_values(self, k, v, cache, start):

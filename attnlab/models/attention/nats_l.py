@@ -173,7 +173,9 @@ class NAtSL(base.Mixer):
     self.implementation = options.implementation
     self.collect_statistics = False  # opt-in: see the module docstring
 
-  def views(self, x: jax.Array, conv_states: dict | None = None):
+  def views(
+    self, x: jax.Array, conv_states: dict | None = None, segment_ids: jax.Array | None = None
+  ):
     """Both head views of the shared projections, for every token of x [B, T, d_model].
 
     Returns:
@@ -183,7 +185,7 @@ class NAtSL(base.Mixer):
       merge = the softmax weights (w_δ, w_a) [B,T,Ha,2] of the two paths.
     """
     b, t, _ = x.shape
-    q, k, v, g, beta, conv = self.inputs(x, conv_states)
+    q, k, v, g, beta, conv = self.inputs(x, conv_states, segment_ids)
     delta = (
       layers.l2_normalize(q.reshape(b, t, self.heads, self.head_k)),
       layers.l2_normalize(k.reshape(b, t, self.heads, self.head_k)),
@@ -219,21 +221,31 @@ class NAtSL(base.Mixer):
     logits = self.scorer(block_means(x, self.block_size))
     return straight_through_types(logits.reshape(*logits.shape[:2], self.heads, 2))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, T, d_model] -> [B, T, d_model] (parallel form)."""
-    delta, attn, merge, _ = self.views(x)
+  supports_segments = True  # packed documents, each starting on a block boundary
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T, d_model] -> [B, T, d_model] (parallel form).
+
+    segment_ids [B, T] int: packed documents, each starting on a block
+    boundary (`data.pack_align`, checked at startup), so no routing block
+    spans two documents; the convs, the state and the attention stay within
+    each document.
+    """
+    delta, attn, merge, _ = self.views(x, None, segment_ids)
     gates, hard = self.block_types(x)
     group = self.attn_heads // self.heads
     o_delta = ops.block_gated_delta_rule(
       *delta,
       gates[..., DELTA],
       block_size=self.block_size,
+      segment_ids=segment_ids,
       implementation=self.implementation,
     )
     o_attn = ops.block_sparse_softmax(
       *attn,
       jnp.repeat(gates[..., ATTENTION], group, axis=2),
       block_size=self.block_size,
+      segment_ids=segment_ids,
       implementation=self.implementation,
     )
     if self.collect_statistics:

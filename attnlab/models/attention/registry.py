@@ -60,6 +60,11 @@ def get(name: str) -> Variant:
   return _VARIANTS[name]
 
 
+def packing_names() -> list[str]:
+  """The variants whose mixers keep packed documents apart (`segment_ids`)."""
+  return sorted(n for n, v in _VARIANTS.items() if getattr(v.mixer_cls, "supports_segments", False))
+
+
 def names() -> list[str]:
   return sorted(_VARIANTS)
 

@@ -100,21 +100,28 @@ class SoftAttention(base.Mixer):
     return self.q(x).reshape(shape), self.v(x).reshape(shape)
 
   def output(
-    self, o: jax.Array, v: jax.Array, conv_state: jax.Array | None = None
+    self,
+    o: jax.Array,
+    v: jax.Array,
+    conv_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array | None]:
     """Attention output o and values v [B, T, H, hd] -> ([B, T, d_model], conv state).
 
-    Adds the causal depthwise conv skip on v (continuing from `conv_state`)
-    before the output projection; the state is None without a conv.
+    Adds the causal depthwise conv skip on v (continuing from `conv_state`;
+    within each document of packed rows) before the output projection; the
+    state is None without a conv.
     """
     b, t = o.shape[:2]
     o = o.reshape(b, t, -1)
     if self.v_conv is None:
       return self.out(o), None
-    skip, conv_state = self.v_conv(v.reshape(b, t, -1), conv_state)
+    skip, conv_state = self.v_conv(v.reshape(b, t, -1), conv_state, segment_ids)
     return self.out(o + skip), conv_state
 
-  def _mix(self, x: jax.Array, cache: dict | None) -> tuple[jax.Array, dict]:
+  def _mix(
+    self, x: jax.Array, cache: dict | None, segment_ids: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     q, v = self.project(x)
     opts = self.options
     o, state = ops.soft_attention(
@@ -127,14 +134,17 @@ class SoftAttention(base.Mixer):
       initial_state=None if cache is None else cache["state"],
       output_final_state=True,
       chunk_size=opts.chunk_size,
+      segment_ids=segment_ids,
       implementation=opts.implementation,
     )
-    y, conv_state = self.output(o, v, None if cache is None else cache["conv"])
+    y, conv_state = self.output(o, v, None if cache is None else cache["conv"], segment_ids)
     return y, {"state": state.astype(jnp.float32), "conv": conv_state}
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, T, d_model] -> [B, T, d_model]."""
-    return self._mix(x, None)[0]
+  supports_segments = True  # packed documents: __call__(x, segment_ids)
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T, d_model] -> [B, T, d_model]; segment_ids [B, T] int (packed) or None."""
+    return self._mix(x, None, segment_ids)[0]
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict:
     del max_len  # O(1) in length

@@ -79,13 +79,13 @@ class SoftmaxAttention(base.Mixer):
     self.implementation = options.implementation
 
   def project(self, x: jax.Array, positions: jax.Array):
-    """x [B, T, d_model] at absolute positions [T] -> (q, k, v, logit_scale or None)."""
+    """x [B, T, d_model] at positions [T] or [B, T] -> (q, k, v, logit_scale or None)."""
     q, k, v = self.qkv(x, positions)
     return q, k, v, None
 
-  def values(self, k: jax.Array, v: jax.Array) -> jax.Array:
-    """The values attended to, from k, v [B, T, Hkv, hd]."""
-    del k
+  def values(self, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """The values attended to, from k, v [B, T, Hkv, hd] (segment_ids [B, T]: packed rows)."""
+    del k, segment_ids
     return v
 
   def cached_values(self, k: jax.Array, v: jax.Array, cache: dict, start: jax.Array) -> jax.Array:
@@ -93,11 +93,15 @@ class SoftmaxAttention(base.Mixer):
     del cache, start
     return self.values(k, v)
 
-  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, logit_scale=None) -> jax.Array:
-    """q [B,T,H,hd], k, v [B,T,Hkv,hd], logit_scale [B,T,H] or None -> [B,T,H,hd]."""
+  def attend(
+    self, q: jax.Array, k: jax.Array, v: jax.Array, logit_scale=None, segment_ids=None
+  ) -> jax.Array:
+    """q [B,T,H,hd], k, v [B,T,Hkv,hd], logit_scale [B,T,H] or None -> [B,T,H,hd];
+    segment_ids [B, T] int keep packed documents apart."""
     return ops.softmax_attention(
-      q, k, v, logit_scale=logit_scale, implementation=self.implementation
-    )
+      q, k, v, logit_scale=logit_scale, segment_ids=segment_ids,
+      implementation=self.implementation,
+    )  # fmt: skip
 
   def attend_cached(self, q, k_cache, v_cache, length, logit_scale=None) -> jax.Array:
     return ops.softmax_attention_cached(
@@ -109,10 +113,18 @@ class SoftmaxAttention(base.Mixer):
     b, t = o.shape[:2]
     return self.out(o.reshape(b, t, -1))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, T, d_model] -> [B, T, d_model]."""
-    q, k, v, logit_scale = self.project(x, jnp.arange(x.shape[1]))
-    return self.output(self.attend(q, k, self.values(k, v), logit_scale))
+  supports_segments = True  # packed documents: __call__(x, segment_ids)
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T, d_model] -> [B, T, d_model]; segment_ids [B, T] int (packed
+    documents: positions restart and attention stays within each one) or None."""
+    if segment_ids is None:
+      positions = jnp.arange(x.shape[1])
+    else:
+      positions = ops.segment_positions(segment_ids)  # [B, T]
+    q, k, v, logit_scale = self.project(x, positions)
+    values = self.values(k, v, segment_ids)
+    return self.output(self.attend(q, k, values, logit_scale, segment_ids))
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict:
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)

@@ -11,7 +11,8 @@ from scratch with p = 15 the model does not learn recall here (MQAR 0.216 at
 600 steps, benchmarks/results). No new parameters; the projections,
 RoPE (on by default, as in the paper's GPT-2 + RoPE backbone) and the KV
 cache are the softmax mixer's. The row index i is the absolute position, so
-decoding reproduces the parallel form.
+decoding reproduces the parallel form (in packed rows, the position within
+the document).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ class SoftplusAttention(softmax.SoftmaxAttention):
       raise ValueError(f"softplus: power must be >= 0 (0 = LSSA), got {options.power}")
     self.power = options.power or None
 
-  def attend(self, q, k, v, logit_scale=None):
+  def attend(self, q, k, v, logit_scale=None, segment_ids=None):
     del logit_scale  # no temperature in softplus attention
-    return ops.softplus_attention(q, k, v, power=self.power, implementation=self.implementation)
+    return ops.softplus_attention(
+      q, k, v, power=self.power, segment_ids=segment_ids, implementation=self.implementation
+    )
 
   def attend_cached(self, q, k_cache, v_cache, length, logit_scale=None):
     del logit_scale

@@ -57,10 +57,12 @@ class SelectiveAttention(softmax.SoftmaxAttention):
       self.ssa_u_v = nnx.Param(jnp.zeros(shape_v, jnp.float32), out_sharding=("kv_heads", None))
 
   def temperatures(self, q_raw, v_raw, positions):
-    """τ_q [B,T,H] and τ_v [B,T,Hkv] from raw q, v [B,T,*,D] at positions [T]."""
+    """τ_q [B,T,H] and τ_v [B,T,Hkv] from raw q, v [B,T,*,D] at positions [T] or
+    [B, T] (packed documents: positions within each document)."""
     tau_pos = 1.0 + jax.nn.sigmoid(self.ssa_alpha[...]) * jnp.log1p(positions.astype(jnp.float32))
-    tau_q = jnp.broadcast_to(tau_pos[None, :, None], q_raw.shape[:3])
-    tau_v = jnp.broadcast_to(tau_pos[None, :, None], v_raw.shape[:3])
+    tau_pos = tau_pos[None, :, None] if tau_pos.ndim == 1 else tau_pos[..., None]
+    tau_q = jnp.broadcast_to(tau_pos, q_raw.shape[:3])
+    tau_v = jnp.broadcast_to(tau_pos, v_raw.shape[:3])
     if self.token_temperature:
       gelu = lambda x: jax.nn.gelu(x.astype(jnp.float32))
       tau_q = tau_q + jnp.tanh(jnp.einsum("bthd,hd->bth", gelu(q_raw), self.ssa_u_q[...]))

@@ -14,10 +14,17 @@ log D · log i / ‖q_i‖) and a column factor β (softplus attention's 1/‖k_
 - `lssar`: LSSA sharpened with `power`; a first pass over the row gives Z and
   the row max, a second the re-weighted output.
 
+Packed documents: `segment_ids` [batch, time] (both backends, forward and
+backward) keep documents apart: a query sees only earlier keys of its own
+document, and softplus attention's row index i becomes the position within
+the document. The kernels read one integer per row, its document's start,
+and skip every tile without a visible entry (see each backend's docstring).
+
 Modules:
   _tile:       the element-wise tile math, pure jnp, shared by both backends so
                that their semantics cannot drift apart;
-  _common:     argument preparation (α, β, padding) shared by both backends;
+  _common:     argument preparation (α, β, padding, document starts and
+               positions) shared by both backends;
   pallas_tpu:  Mosaic TPU kernels (`pl.pallas_call`, grid over tiles);
   pallas_gpu:  Pallas GPU kernels (Triton lowering; see its docstring).
 

@@ -41,6 +41,29 @@ Kernels (K/V of a head stay in global memory, tiles stream through a loop):
 - dk/dv, grid (kv_blocks, batch, kv_heads), looping over the query heads
   of the GQA group and the query blocks at or below the diagonal, so no
   atomics are needed and results are deterministic.
+
+Packed documents (`segment_ids`): every row carries the index of its
+document's first token ("start", int32 [B, T]; `_common.document_starts`).
+Query i sees key j iff start_i ≤ j ≤ i, and its LSSAR position n is
+i − start_i + 1. Documents are contiguous and starts never decrease along a
+row, so the tiles a block can see form one contiguous range, which becomes
+the loop bounds: hidden tiles are never visited (no loads, no compute).
+
+- forward and dq: the kv blocks from the one holding the document start of
+  the q block's first row up to the diagonal;
+- dk/dv: the q blocks from the diagonal up to the last one whose first row's
+  document starts at or before the kv block's last key (per-q-block starts,
+  `q_first`, come as a small vector).
+
+Every visited tile is masked then (cols ≤ rows and cols ≥ start). Running
+the tiles that lie wholly inside every row's document unmasked, as without
+documents, means a second loop body, and in the deviceless H100 compile
+(bf16, B2 T8K H16) that raised registers or spills in all 12 kernels tried
+(softmax at D = 64 and 128, LSSA and LSSAR at D = 128): softmax dq at D = 64
+spilled 148 bytes instead of 24, LSSAR dk/dv at D = 128 2240 instead of 1248
+(1068 without documents); the mask costs a few integer ops per score.
+
+Without segment_ids none of this is traced.
 """
 
 from __future__ import annotations
@@ -125,19 +148,62 @@ def _logits(cfg: _Config, q, k, alpha, beta):
   return p, u
 
 
-def _causal(q_start, k_start, bq: int, bk: int, masked: bool):
-  """The visibility mask, or True for tiles known to sit below the diagonal."""
+def _causal(q_start, k_start, bq: int, bk: int, masked: bool, start=None):
+  """The visibility mask, or True for tiles known to be wholly visible.
+
+  start: None, or the rows' document starts [bq] int32 (packed documents).
+  """
   if not masked:
     return True
   rows = q_start + jnp.arange(bq, dtype=jnp.int32)
   cols = k_start + jnp.arange(bk, dtype=jnp.int32)
-  return cols[None, :] <= rows[:, None]
+  mask = cols[None, :] <= rows[:, None]
+  if start is not None:
+    mask = mask & (cols[None, :] >= start[:, None])
+  return mask
 
 
-def _loop(full, last, body, carry):
-  """body(j, carry, masked) over kv blocks [0, full) unmasked, then [full, last) masked."""
-  carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
-  return lax.fori_loop(full, last, functools.partial(body, masked=True), carry)
+def _positions(q_start, bq: int, start=None):
+  """1-based row positions [bq] (float): within the document where start is given."""
+  rows = q_start + jnp.arange(bq, dtype=jnp.int32) + 1
+  return (rows if start is None else rows - start).astype(_F32)
+
+
+def _kv_ranges(q_start, bq: int, bk: int, start=None):
+  """(lo, hi, masked) kv block ranges that a q block visits, in order.
+
+  Without documents: [0, full) unmasked, then [full, last) up to the diagonal
+  masked. With documents (start: the rows' starts, nondecreasing): [first,
+  last) masked, first the block holding the first row's document start.
+  """
+  last = lax.div(q_start + bq + bk - 1, np.int32(bk))
+  if start is not None:
+    return ((lax.div(jnp.min(start), np.int32(bk)), last, True),)
+  full = lax.div(q_start + 1, np.int32(bk))  # blocks ending at or before q_start
+  return ((0, full, False), (full, last, True))
+
+
+def _q_ranges(k_start, bq: int, bk: int, num_q: int, q_first=None):
+  """(lo, hi, masked) q block ranges that a kv block visits, in order.
+
+  Without documents: [first, full) straddle the diagonal (masked), [full,
+  num_q) see the whole kv block. With documents (q_first: the start of each
+  q block's first row, padded with int32 max): [first, end) masked, where q
+  blocks [0, end) have a first row whose document starts at or before the kv
+  block's last key.
+  """
+  first = lax.div(k_start, np.int32(bq))
+  if q_first is not None:
+    return ((first, jnp.sum(q_first <= k_start + bk - 1, dtype=jnp.int32), True),)
+  full = jnp.minimum(lax.div(k_start + bk - 1 + bq - 1, np.int32(bq)), num_q)
+  return ((first, full, True), (full, num_q, False))
+
+
+def _loop(ranges, body, carry):
+  """body(j, carry, masked) over each (lo, hi, masked) range of blocks in turn."""
+  for lo, hi, masked in ranges:
+    carry = lax.fori_loop(lo, hi, functools.partial(body, masked=masked), carry)
+  return carry
 
 
 def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
@@ -147,19 +213,16 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
   q_start = i * bq
   q = r["q"][...]
   alpha = r["alpha"][...][:, None] if "alpha" in r else None
-  positions = (q_start + jnp.arange(bq, dtype=jnp.int32) + 1).astype(
-    _F32
-  )  # 1-based, i in the formulas
+  start = r["start"][...] if "start" in r else None
+  positions = _positions(q_start, bq, start)  # 1-based, i in the formulas
   n = positions[:, None]
-  # Blocks [0, full) are visible to every row; [full, last) straddle the diagonal.
-  full = lax.div(q_start + 1, np.int32(bk))
-  last = lax.div(q_start + bq + bk - 1, np.int32(bk))
+  ranges = _kv_ranges(q_start, bq, bk, start)
 
   def tile(j, masked):
     k_start = pl.multiple_of(j * bk, bk)
     beta = r["beta"][pl.ds(k_start, bk)][None, :] if "beta" in r else None
     _, u = _logits(cfg, q, r["k"][pl.ds(k_start, bk), :], alpha, beta)
-    return k_start, u, _causal(q_start, k_start, bq, bk, masked)
+    return k_start, u, _causal(q_start, k_start, bq, bk, masked, start)
 
   def values(k_start):
     return r["v"][pl.ds(k_start, bk), :]
@@ -185,7 +248,7 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
       corr = jnp.exp2(m - m_next)
       return acc * corr[:, None] + pv(e, k_start), m_next, total * corr + jnp.sum(e, axis=1)
 
-    acc, m, total = _loop(full, last, body, (acc, zeros - jnp.inf, zeros))
+    acc, m, total = _loop(ranges, body, (acc, zeros - jnp.inf, zeros))
     r["o"][...] = (acc / total[:, None]).astype(r["o"].dtype)
     r["lse"][...] = m + jnp.log2(total)  # log2 units
     return
@@ -200,7 +263,7 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
         a = jnp.where(mask, a, 0.0)
       return acc + pv(a, k_start), z + jnp.sum(a, axis=1)
 
-    acc, z = _loop(full, last, body, (acc, zeros))
+    acc, z = _loop(ranges, body, (acc, zeros))
     r["o"][...] = (acc / z[:, None]).astype(r["o"].dtype)
     r["z"][...] = z
     return
@@ -214,7 +277,7 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
       a = jnp.where(mask, a, 0.0)
     return z + jnp.sum(a, axis=1), jnp.maximum(amax, jnp.max(a, axis=1))
 
-  z, amax = _loop(full, last, stats, (zeros, zeros))
+  z, amax = _loop(ranges, stats, (zeros, zeros))
   xmax = _tile.lssar_x(amax, z, positions)  # the row max of x, from the row max of a
 
   # Pass 2: the sharpened weights (x / max x)^p and their normalised sum.
@@ -225,7 +288,7 @@ def _fwd_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     b = _tile.power(y, cfg.power)
     return acc + pv(b, k_start), bsum + jnp.sum(b, axis=1)
 
-  acc, bsum = _loop(full, last, body, (acc, zeros))
+  acc, bsum = _loop(ranges, body, (acc, zeros))
   r["o"][...] = (acc * _tile.safe_reciprocal(bsum)[:, None]).astype(r["o"].dtype)
   r["z"][...] = z
   r["xmax"][...] = xmax
@@ -243,10 +306,10 @@ def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
   q_start = i * bq
   q, do = r["q"][...], r["do"][...]
   alpha = r["alpha"][...][:, None] if "alpha" in r else None
-  n = (q_start + jnp.arange(bq, dtype=jnp.int32) + 1).astype(_F32)[:, None]
+  start = r["start"][...] if "start" in r else None
+  n = _positions(q_start, bq, start)[:, None]
   row = _row_stats(r, cfg.kind, Ellipsis)
-  full = lax.div(q_start + 1, np.int32(bk))
-  last = lax.div(q_start + bq + bk - 1, np.int32(bk))
+  ranges = _kv_ranges(q_start, bq, bk, start)
 
   def tile(j, masked):
     k_start = pl.multiple_of(j * bk, bk)
@@ -255,7 +318,7 @@ def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     p, u = _logits(cfg, q, k, alpha, beta)
     v = r["v"][pl.ds(k_start, bk), :]
     dp = lax.dot_general(do, v, _NT, preferred_element_type=_F32)
-    return k, beta, p, u, dp, _causal(q_start, k_start, bq, bk, masked)
+    return k, beta, p, u, dp, _causal(q_start, k_start, bq, bk, masked, start)
 
   if cfg.kind == "lssar":
 
@@ -267,7 +330,7 @@ def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
       )  # fmt: skip
       return eps + jnp.sum(part, axis=1)
 
-    eps = _loop(full, last, eps_body, jnp.zeros((bq,), _F32))
+    eps = _loop(ranges, eps_body, jnp.zeros((bq,), _F32))
     r["eps"][...] = eps
     row["eps"] = eps[:, None]
 
@@ -290,7 +353,7 @@ def _dq_kernel(*refs, cfg: _Config, names: tuple[str, ...]):
     return dq, dalpha
 
   init = (jnp.zeros(q.shape, _F32), jnp.zeros((bq,), _F32))
-  dq, dalpha = _loop(full, last, body, init)
+  dq, dalpha = _loop(ranges, body, init)
   r["dq"][...] = dq.astype(r["dq"].dtype)
   if "dalpha" in r:
     r["dalpha"][...] = dalpha
@@ -303,9 +366,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], group: int, num_q: 
   k_start = j * bk
   k, v = r["k"][...], r["v"][...]
   beta = r["beta"][...][None, :] if "beta" in r else None
-  # Query blocks [first, full) straddle the diagonal; [full, num_q) see the whole kv block.
-  first = lax.div(k_start, np.int32(bq))
-  full = jnp.minimum(lax.div(k_start + bk - 1 + bq - 1, np.int32(bq)), num_q)
+  ranges = _q_ranges(k_start, bq, bk, num_q, r["q_first"][...] if "q_first" in r else None)
 
   def q_body(i, carry, masked, head):
     dk, dv, dbeta = carry
@@ -314,8 +375,9 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], group: int, num_q: 
     q, do = r["q"][rows, head, :], r["do"][rows, head, :]
     alpha = r["alpha"][head, rows][:, None] if "alpha" in r else None
     row = {name: r[name][head, rows][:, None] for name in _BACKWARD_STATS[cfg.kind]}
-    n = (q_start + jnp.arange(bq, dtype=jnp.int32) + 1).astype(_F32)[:, None]
-    mask = _causal(q_start, k_start, bq, bk, masked)
+    start = r["start"][rows] if "start" in r else None
+    n = _positions(q_start, bq, start)[:, None]
+    mask = _causal(q_start, k_start, bq, bk, masked, start)
     p, u = _logits(cfg, q, k, alpha, beta)
     dp = lax.dot_general(do, v, _NT, preferred_element_type=_F32)
     w, du = _tile.backward_tile(
@@ -335,10 +397,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], group: int, num_q: 
 
   def head_body(g, carry):
     head = kv_head * group + g
-    body = lambda i, c, masked: q_body(i, c, masked, head)
-    # Here the masked blocks come first: [first, full) then [full, num_q).
-    carry = lax.fori_loop(first, full, functools.partial(body, masked=True), carry)
-    return lax.fori_loop(full, num_q, functools.partial(body, masked=False), carry)
+    return _loop(ranges, lambda i, c, masked: q_body(i, c, masked, head), carry)
 
   init = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32), jnp.zeros((bk,), _F32))
   dk, dv, dbeta = lax.fori_loop(0, group, head_body, init)
@@ -365,7 +424,7 @@ def _call(kernel, cfg: _Config, grid, inputs, outputs, head_dim: int, name: str,
   return dict(zip([n for n, _, _ in outputs], results))
 
 
-def _forward(q, k, v, alpha, beta, cfg: _Config):
+def _forward(q, k, v, alpha, beta, starts, cfg: _Config):
   b, tp, h, d = q.shape
   group = h // k.shape[2]
   dv = v.shape[-1]
@@ -381,7 +440,7 @@ def _forward(q, k, v, alpha, beta, cfg: _Config):
   outputs += [(s, jax.ShapeDtypeStruct((b, h, tp), _F32), row) for s in stats]
   inputs = [
     ("q", q, tile(d)), ("k", k, seq(d)), ("v", v, seq(dv)), ("alpha", alpha, row),
-    ("beta", beta, col),
+    ("beta", beta, col), ("start", starts, pl.BlockSpec((None, bq), lambda i, b, h: (b, i))),
   ]  # fmt: skip
   out = _call(
     _fwd_kernel, cfg, (tp // bq, b, h), inputs, outputs, d, f"attnlab_flash_{cfg.kind}_fwd"
@@ -389,18 +448,29 @@ def _forward(q, k, v, alpha, beta, cfg: _Config):
   return out.pop("o"), out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, alpha, beta, cfg: _Config):
-  return _forward(q, k, v, alpha, beta, cfg)[0]
+def _block_starts(starts, bq: int):
+  """The start of each q block's first row, [B, n] with n a power of two (at
+  least 16) for Triton; the padding blocks hold int32 max, so they count as
+  seeing nothing."""
+  if starts is None:
+    return None
+  first = starts[:, ::bq]
+  n = max(16, pl.next_power_of_2(first.shape[1]))
+  return jnp.pad(first, ((0, 0), (0, n - first.shape[1])), constant_values=np.iinfo(np.int32).max)
 
 
-def _flash_fwd(q, k, v, alpha, beta, cfg: _Config):
-  o, stats = _forward(q, k, v, alpha, beta, cfg)
-  return o, (q, k, v, alpha, beta, o, stats)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, alpha, beta, starts, cfg: _Config):
+  return _forward(q, k, v, alpha, beta, starts, cfg)[0]
+
+
+def _flash_fwd(q, k, v, alpha, beta, starts, cfg: _Config):
+  o, stats = _forward(q, k, v, alpha, beta, starts, cfg)
+  return o, (q, k, v, alpha, beta, starts, o, stats)
 
 
 def _flash_bwd(cfg: _Config, saved, do):
-  q, k, v, alpha, beta, o, stats = saved
+  q, k, v, alpha, beta, starts, o, stats = saved
   b, tp, h, d = q.shape
   hk, dv = k.shape[2], v.shape[-1]
   group = h // hk
@@ -419,6 +489,7 @@ def _flash_bwd(cfg: _Config, saved, do):
   inputs = [
     ("q", q, tile(d)), ("k", k, seq(d)), ("v", v, seq(dv)), ("do", do, tile(dv)),
     ("alpha", alpha, row), ("beta", beta, col),
+    ("start", starts, pl.BlockSpec((None, bq), lambda i, b, h: (b, i))),
   ]  # fmt: skip
   inputs += [(s, stats[s], row) for s in _BACKWARD_STATS[cfg.kind] if s != "eps"]
   outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), tile(d))]
@@ -437,9 +508,12 @@ def _flash_bwd(cfg: _Config, saved, do):
   kv_tile = lambda width: pl.BlockSpec((None, bk, None, width), lambda j, b, g: (b, j, g, 0))
   rows = pl.BlockSpec((None, h, tp), lambda j, b, g: (b, 0, 0))
   cols = pl.BlockSpec((None, None, bk), lambda j, b, g: (b, g, j))
+  q_first = _block_starts(starts, bq)
+  per_row = lambda n: pl.BlockSpec((None, n), lambda j, b, g: (b, 0))
   inputs = [
     ("q", q, whole(d)), ("k", k, kv_tile(d)), ("v", v, kv_tile(dv)), ("do", do, whole(dv)),
-    ("alpha", alpha, rows), ("beta", beta, cols),
+    ("alpha", alpha, rows), ("beta", beta, cols), ("start", starts, per_row(tp)),
+    ("q_first", q_first, per_row(None if q_first is None else q_first.shape[1])),
   ]  # fmt: skip
   inputs += [(s, stats[s], rows) for s in _BACKWARD_STATS[cfg.kind]]
   outputs = [
@@ -452,7 +526,8 @@ def _flash_bwd(cfg: _Config, saved, do):
     _dkv_kernel, cfg, (tp // bk, b, hk), inputs, outputs, d, f"attnlab_flash_{cfg.kind}_dkv",
     group=group, num_q=tp // bq,
   )  # fmt: skip
-  return out_q["dq"], out_kv["dk"], out_kv["dv"], out_q.get("dalpha"), out_kv.get("dbeta")
+  dalpha, dbeta = out_q.get("dalpha"), out_kv.get("dbeta")
+  return out_q["dq"], out_kv["dk"], out_kv["dv"], dalpha, dbeta, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -470,6 +545,7 @@ def flash_attention(
   scale: float = 1.0,
   blocks: BlockSizes | None = None,
   interpret: bool | None = None,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Causal flash attention of the given kind on a GPU (or interpreted).
 
@@ -483,6 +559,10 @@ def flash_attention(
     scale: constant factor of the logits.
     blocks: tile sizes and launch parameters.
     interpret: None (interpret unless compiled for a GPU) or a bool.
+    segment_ids: optional [batch, time] integer document ids of packed rows:
+      a query sees only earlier keys of its own document (see the module
+      docstring). The row factor α must already use positions within the
+      document where it depends on them (`_common.softplus_factors`).
 
   Returns:
     [batch, time, heads, head_dim_v] in q's dtype.
@@ -490,6 +570,7 @@ def flash_attention(
   if kind not in _tile.KINDS or (kind == "lssar") != (power is not None):
     raise ValueError(f"bad kind/power: {kind!r}, {power!r}")
   _common.check_shapes(q, k, v, "pallas_gpu")
+  _common.check_segments(segment_ids, q, "pallas_gpu")
   dtype = _dispatch.kernel_dtype("pallas_gpu", q, k, v)
   blocks = blocks or BlockSizes()
   if interpret is None:
@@ -503,5 +584,6 @@ def flash_attention(
   rows = lambda x: (
     None if x is None else _common.pad_axis(jnp.swapaxes(x.astype(_F32), 1, 2), 2, tp)
   )
-  o = _flash(prep(q, d), prep(k, d), prep(v, dv), rows(alpha), rows(beta), cfg)
+  starts = _common.padded_starts(segment_ids, tp)
+  o = _flash(prep(q, d), prep(k, d), prep(v, dv), rows(alpha), rows(beta), starts, cfg)
   return o[:, :t, :, :dv].astype(q.dtype)

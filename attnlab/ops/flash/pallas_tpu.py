@@ -19,6 +19,22 @@ their index maps are clamped to the last useful block so no DMA is issued
 for them. T is padded to the block size with zeros; padded rows are finite
 and dropped, padded keys are never visible to real rows.
 
+Packed documents (`segment_ids`): every row carries the index of its
+document's first token ("start", int32, lane-broadcast [B, T, 128] like the
+row statistics; `_common.document_starts`). Query i sees key j iff
+start_i ≤ j ≤ i, and its LSSAR position n is i − start_i + 1. Documents are
+contiguous and starts never decrease along a row, so a tile holds a visible
+entry iff it is not above the diagonal and its kv block ends at or after the
+start of its q block's first row: the only tiles that can be visible are
+those between the q block's first document start and the diagonal. Skipped
+tiles cost neither compute (`pl.when` on a scalar-prefetched per-block
+start) nor DMA (index maps clamped into the visible range read the same
+prefetched scalars): in forward and dq the kv blocks before the q block's
+first document, in dk/dv the q blocks whose first row's document starts
+after the kv block. Every visible tile applies the document mask (with
+documents, tiles below the diagonal can be partly hidden). Without
+segment_ids none of this is traced.
+
 Passes: softmax and LSSA need one forward pass; LSSAR needs a statistics
 pass (Z, row max) and an output pass. The backward runs separate dq and
 dk/dv kernels; LSSAR first runs an extra row pass for ε = Σ_j A_ij ∂L/∂A_ij,
@@ -111,10 +127,16 @@ def _tile_logits(cfg: _Config, q, k, alpha_ref, beta_ref, width: int):
   return p, u
 
 
-def _causal(q_start, k_start, bq: int, bk: int):
+def _causal(q_start, k_start, bq: int, bk: int, start=None):
+  """A tile's visibility and 1-based row positions n (float), both [bq, bk].
+
+  start: None, or the rows' document starts as [bq, bk] int32 (packed documents).
+  """
   rows = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   cols = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  return cols <= rows, (rows + 1).astype(_F32)
+  if start is None:
+    return cols <= rows, (rows + 1).astype(_F32)
+  return (cols <= rows) & (cols >= start), (rows - start + 1).astype(_F32)
 
 
 class _Tile(NamedTuple):
@@ -123,8 +145,8 @@ class _Tile(NamedTuple):
   k: jax.Array  # [bk, d] keys
   p: jax.Array  # [bq, bk] raw products q·kᵀ
   u: jax.Array  # [bq, bk] logits scale·α·β·p
-  mask: jax.Array  # [bq, bk] causal visibility
-  n: jax.Array  # [bq, bk] 1-based row positions (float)
+  mask: jax.Array  # [bq, bk] causal (and document) visibility
+  n: jax.Array  # [bq, bk] 1-based row positions (within the document), float
   row: dict  # the row statistics the phase reads, as [bq, bk]
 
 
@@ -178,7 +200,10 @@ def _lssar_stats_step(r, cfg: _Config, t: _Tile) -> None:
 
 
 def _lssar_stats_finish(r, cfg: _Config, q_start) -> None:
-  rows = (q_start + lax.broadcasted_iota(jnp.int32, (cfg.block_q, LANES), 0) + 1).astype(_F32)
+  rows = q_start + lax.broadcasted_iota(jnp.int32, (cfg.block_q, LANES), 0) + 1
+  if "start" in r:  # positions within the document
+    rows = rows - r["start"][...]
+  rows = rows.astype(_F32)
   z = r["acc_z"][...]
   r["z"][...] = z
   r["xmax"][...] = _tile.lssar_x(r["acc_amax"][...], z, rows)
@@ -252,7 +277,7 @@ _ROW_PHASES = {
 }
 
 
-def _row_kernel(*refs, cfg: _Config, phase: str, names: tuple[str, ...], num_k: int):
+def _row_kernel(*refs, cfg: _Config, phase: str, names: tuple[str, ...], num_q: int, num_k: int):
   """Forward phases, LSSAR's ε pass and the dq pass: grid (b, h, q_block, kv_block).
 
   The grid, the accumulator reset and the tile's logits are shared; the
@@ -271,11 +296,16 @@ def _row_kernel(*refs, cfg: _Config, phase: str, names: tuple[str, ...], num_k: 
       fill = -jnp.inf if name == "acc_m" else 0.0
       r[name][...] = jnp.full(r[name].shape, fill, _F32)
 
-  @pl.when(k_start <= q_start + bq - 1)  # skip tiles above the diagonal
+  visible = k_start <= q_start + bq - 1  # skip tiles above the diagonal
+  if "doc_first" in r:  # and those before the document of the q block's first row
+    visible &= k_start + bk - 1 >= r["doc_first"][pl.program_id(0) * num_q + qi]
+
+  @pl.when(visible)
   def _step():
     q, k = r["q"][...], r["k"][...]
     p, u = _tile_logits(cfg, q, k, r.get("alpha"), r.get("beta"), bk)
-    mask, n = _causal(q_start, k_start, bq, bk)
+    start = _lanes(r["start"][...], bk) if "start" in r else None
+    mask, n = _causal(q_start, k_start, bq, bk, start)
     # Row residuals this phase reads (in other phases the same names are outputs).
     reads = _BACKWARD_STATS[cfg.kind] if phase == "dq" else _ROW_INPUTS[phase]
     row = {name: _lanes(r[name][...], bk) for name in reads}
@@ -294,20 +324,28 @@ def _row_call(cfg: _Config, phase: str, arrays: dict, out_dtype):
   bq, bk = cfg.block_q, cfg.block_k
   num_q, num_k = tp // bq, tp // bk
 
-  def kv_block(qi, kj):  # clamp skipped tiles to the last useful block: no new DMA
-    return jnp.minimum(kj, lax.div(qi * bq + bq - 1, np.int32(bk)))
+  def kv_block(b, qi, kj, prefetch):  # skipped tiles repeat a useful block: no new DMA
+    last = lax.div(qi * bq + bq - 1, np.int32(bk))
+    if not prefetch:
+      return jnp.minimum(kj, last)
+    first = lax.div(prefetch[0][b * num_q + qi], np.int32(bk))  # the first document's block
+    return jnp.minimum(jnp.maximum(kj, first), last)
 
-  q_spec = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, i, j: (b, h, i, 0))
+  q_spec = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, i, j, *_: (b, h, i, 0))
   kv_spec = lambda width: pl.BlockSpec(
-    (None, None, bk, width), lambda b, h, i, j: (b, lax.div(h, np.int32(group)), kv_block(i, j), 0)
+    (None, None, bk, width),
+    lambda b, h, i, j, *pf: (b, lax.div(h, np.int32(group)), kv_block(b, i, j, pf), 0),
   )
   row_spec = q_spec(LANES)
   beta_spec = pl.BlockSpec(
     (None, None, SUBLANES, bk),
-    lambda b, h, i, j: (b, lax.div(h, np.int32(group)), 0, kv_block(i, j)),
+    lambda b, h, i, j, *pf: (b, lax.div(h, np.int32(group)), 0, kv_block(b, i, j, pf)),
   )
+  start_spec = pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0))
 
-  names, inputs, specs = [], [], []
+  # Scalar-prefetched (SMEM) per-q-block document starts, packed documents only.
+  prefetch = {} if arrays.get("doc_first") is None else {"doc_first": arrays["doc_first"]}
+  names, inputs, specs = list(prefetch), [], []
 
   def add(name, spec):
     if arrays.get(name) is not None:
@@ -317,6 +355,7 @@ def _row_call(cfg: _Config, phase: str, arrays: dict, out_dtype):
 
   add("q", q_spec(d))
   add("k", kv_spec(d))
+  add("start", start_spec)
   if phase != "lssar_stats":
     add("v", kv_spec(arrays["v"].shape[-1]))
   if phase in ("lssar_eps", "dq"):
@@ -350,11 +389,13 @@ def _row_call(cfg: _Config, phase: str, arrays: dict, out_dtype):
     }[phase]
 
   names += [name for name, _, _ in outs] + [name for name, _ in scratch]
-  kernel = functools.partial(_row_kernel, cfg=cfg, phase=phase, names=tuple(names), num_k=num_k)
-  return _call(kernel, (b, h, num_q, num_k), specs, outs, scratch, inputs, cfg, phase)
+  kernel = functools.partial(
+    _row_kernel, cfg=cfg, phase=phase, names=tuple(names), num_q=num_q, num_k=num_k
+  )
+  return _call(kernel, (b, h, num_q, num_k), specs, outs, scratch, inputs, cfg, phase, prefetch)
 
 
-def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], num_q: int, group: int):
+def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], num_q: int, num_k: int, group: int):
   """dk, dv (and dβ): grid (b, kv_head, kv_block, group · q_blocks)."""
   r = dict(zip(names, refs))
   bq, bk = cfg.block_q, cfg.block_k
@@ -368,11 +409,16 @@ def _dkv_kernel(*refs, cfg: _Config, names: tuple[str, ...], num_q: int, group: 
       if name.startswith("acc_"):
         r[name][...] = jnp.zeros(r[name].shape, _F32)
 
-  @pl.when(k_start <= q_start + bq - 1)
+  visible = k_start <= q_start + bq - 1
+  if "q_end" in r:  # q blocks from q_end on start their rows' documents after this kv block
+    visible &= qi < r["q_end"][pl.program_id(0) * num_k + kj]
+
+  @pl.when(visible)
   def _step():
     q, k, v, do = r["q"][...], r["k"][...], r["v"][...], r["do"][...]
     p, u = _tile_logits(cfg, q, k, r.get("alpha"), r.get("beta"), bk)
-    mask, n = _causal(q_start, k_start, bq, bk)
+    start = _lanes(r["start"][...], bk) if "start" in r else None
+    mask, n = _causal(q_start, k_start, bq, bk, start)
     row = {
       name: _lanes(r[name][...], bk)
       for name in ("lse", "z", "xmax", "bsum", "eps", "delta")
@@ -411,23 +457,27 @@ def _dkv_call(cfg: _Config, arrays: dict):
   bq, bk = cfg.block_q, cfg.block_k
   num_q, num_k = tp // bq, tp // bk
 
-  def q_index(hk_, kj, step):  # (head, q block); skipped tiles repeat the first useful block
-    first = lax.div(kj * bk, np.int32(bq))
-    return hk_ * group + lax.div(step, np.int32(num_q)), jnp.maximum(
-      lax.rem(step, np.int32(num_q)), first
-    )
+  def q_block(b, kj, step, prefetch):  # skipped tiles repeat a useful block: no new DMA
+    qi = jnp.maximum(lax.rem(step, np.int32(num_q)), lax.div(kj * bk, np.int32(bq)))
+    if prefetch:  # packed documents: the last q block that sees this kv block
+      qi = jnp.minimum(qi, prefetch[0][b * num_k + kj] - 1)
+    return qi
 
-  def q_map(b, hk_, kj, step):
-    head, qi = q_index(hk_, kj, step)
-    return b, head, qi, 0
+  def q_map(b, hk_, kj, step, *pf):
+    return b, hk_ * group + lax.div(step, np.int32(num_q)), q_block(b, kj, step, pf), 0
 
   q_spec = lambda width: pl.BlockSpec((None, None, bq, width), q_map)
   kv_spec = lambda width: pl.BlockSpec(
-    (None, None, bk, width), lambda b, hk_, kj, step: (b, hk_, kj, 0)
+    (None, None, bk, width), lambda b, hk_, kj, step, *_: (b, hk_, kj, 0)
   )
-  beta_spec = pl.BlockSpec((None, None, SUBLANES, bk), lambda b, hk_, kj, step: (b, hk_, 0, kj))
+  beta_spec = pl.BlockSpec((None, None, SUBLANES, bk), lambda b, hk_, kj, step, *_: (b, hk_, 0, kj))
+  start_spec = pl.BlockSpec(
+    (None, bq, LANES), lambda b, hk_, kj, step, *pf: (b, q_block(b, kj, step, pf), 0)
+  )
 
-  names, inputs, specs = [], [], []
+  # Scalar-prefetched (SMEM): per kv block, how many q blocks can see it (packed documents).
+  prefetch = {} if arrays.get("q_end") is None else {"q_end": arrays["q_end"]}
+  names, inputs, specs = list(prefetch), [], []
 
   def add(name, spec):
     if arrays.get(name) is not None:
@@ -441,6 +491,7 @@ def _dkv_call(cfg: _Config, arrays: dict):
   add("do", q_spec(dv))
   add("alpha", q_spec(LANES))
   add("beta", beta_spec)
+  add("start", start_spec)
   for name in _BACKWARD_STATS[cfg.kind]:
     add(name, q_spec(LANES))
 
@@ -453,29 +504,42 @@ def _dkv_call(cfg: _Config, arrays: dict):
     outs.append(("dbeta", jax.ShapeDtypeStruct((b, hk, SUBLANES, tp), _F32), beta_spec))
     scratch.append(("acc_dbeta", (SUBLANES, bk)))
   names += [name for name, _, _ in outs] + [name for name, _ in scratch]
-  kernel = functools.partial(_dkv_kernel, cfg=cfg, names=tuple(names), num_q=num_q, group=group)
-  return _call(kernel, (b, hk, num_k, group * num_q), specs, outs, scratch, inputs, cfg, "dkv")
+  kernel = functools.partial(
+    _dkv_kernel, cfg=cfg, names=tuple(names), num_q=num_q, num_k=num_k, group=group
+  )
+  grid = (b, hk, num_k, group * num_q)
+  return _call(kernel, grid, specs, outs, scratch, inputs, cfg, "dkv", prefetch)
 
 
-def _call(kernel, grid, specs, outs, scratch, inputs, cfg: _Config, phase: str) -> dict:
+def _call(
+  kernel, grid, specs, outs, scratch, inputs, cfg: _Config, phase: str, prefetch: dict
+) -> dict:
   """One pallas_call over a grid whose last axis is the sequential reduction.
 
-  outs: [(name, ShapeDtypeStruct, BlockSpec)]; scratch: [(name, shape)] in VMEM.
-  Returns {output name: array}.
+  outs: [(name, ShapeDtypeStruct, BlockSpec)]; scratch: [(name, shape)] in VMEM;
+  prefetch: {name: int32 vector} scalar-prefetched into SMEM (index maps and
+  kernel get them first), or empty. Returns {output name: array}.
   """
-  results = pl.pallas_call(
-    kernel,
+  layout = dict(
     grid=grid,
     in_specs=specs,
     out_specs=[spec for _, _, spec in outs],
-    out_shape=[shape for _, shape, _ in outs],
     scratch_shapes=[pltpu.VMEM(shape, _F32) for _, shape in scratch],
+  )
+  if prefetch:
+    layout = dict(
+      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(prefetch), **layout)
+    )
+  results = pl.pallas_call(
+    kernel,
+    out_shape=[shape for _, shape, _ in outs],
     compiler_params=pltpu.CompilerParams(
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
     ),
     interpret=cfg.interpret,
     name=f"attnlab_flash_{cfg.kind}_{phase}",
-  )(*inputs)
+    **layout,
+  )(*prefetch.values(), *inputs)
   return dict(zip([name for name, _, _ in outs], results))
 
 
@@ -491,8 +555,28 @@ def _sublane_cols(x):  # [B, H, T] -> [B, H, 8, T]
   )
 
 
-def _forward(q, k, v, alpha, beta, cfg: _Config):
+def _documents(starts, cfg: _Config, num_k: int | None = None) -> dict:
+  """The kernels' document inputs from starts [B, Tp] (None: no packed documents).
+
+  start: lane-broadcast rows; doc_first [B·num_q]: the start of each q block's
+  first row; q_end [B·num_k] (with num_k): per kv block, the number of q blocks
+  whose first row's document starts at or before the kv block's last key.
+  """
+  if starts is None:
+    return {}
+  bq, bk = cfg.block_q, cfg.block_k
+  first = starts[:, ::bq]  # [B, num_q]
+  out = dict(start=_lane_rows(starts), doc_first=first.reshape(-1))
+  if num_k is not None:
+    k_last = jnp.arange(num_k, dtype=jnp.int32) * bk + bk - 1
+    sees = first[:, None, :] <= k_last[None, :, None]  # [B, num_k, num_q]
+    out["q_end"] = jnp.sum(sees, axis=-1, dtype=jnp.int32).reshape(-1)
+  return out
+
+
+def _forward(q, k, v, alpha, beta, starts, cfg: _Config):
   arrays = dict(q=q, k=k, v=v, alpha=_lane_rows(alpha), beta=_sublane_cols(beta))
+  arrays.update(_documents(starts, cfg))
   if cfg.kind == "softmax":
     out = _row_call(cfg, "softmax", arrays, q.dtype)
     return out["o"], {"lse": out["lse"][..., 0]}
@@ -508,29 +592,30 @@ def _forward(q, k, v, alpha, beta, cfg: _Config):
   }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, alpha, beta, cfg: _Config):
-  return _forward(q, k, v, alpha, beta, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, alpha, beta, starts, cfg: _Config):
+  return _forward(q, k, v, alpha, beta, starts, cfg)[0]
 
 
-def _flash_fwd(q, k, v, alpha, beta, cfg: _Config):
-  o, stats = _forward(q, k, v, alpha, beta, cfg)
-  return o, (q, k, v, alpha, beta, o, stats)
+def _flash_fwd(q, k, v, alpha, beta, starts, cfg: _Config):
+  o, stats = _forward(q, k, v, alpha, beta, starts, cfg)
+  return o, (q, k, v, alpha, beta, starts, o, stats)
 
 
 def _flash_bwd(cfg: _Config, saved, do):
-  q, k, v, alpha, beta, o, stats = saved
+  q, k, v, alpha, beta, starts, o, stats = saved
   delta = jnp.sum(o.astype(_F32) * do.astype(_F32), axis=-1)  # Σ_d do·o, [B, H, T]
   arrays = dict(q=q, k=k, v=v, do=do.astype(q.dtype), alpha=_lane_rows(alpha))
   arrays.update(beta=_sublane_cols(beta), delta=_lane_rows(delta))
   arrays.update({name: _lane_rows(value) for name, value in stats.items()})
+  arrays.update(_documents(starts, cfg, q.shape[2] // cfg.block_k))
   if cfg.kind == "lssar":
     arrays.update(_row_call(cfg, "lssar_eps", arrays, q.dtype))
   dq = _row_call(cfg, "dq", arrays, q.dtype)
   dkv = _dkv_call(cfg, arrays)
   dalpha = None if alpha is None else dq["dalpha"][..., 0]
   dbeta = None if beta is None else dkv["dbeta"][:, :, 0, :]
-  return dq["dq"], dkv["dk"], dkv["dv"], dalpha, dbeta
+  return dq["dq"], dkv["dk"], dkv["dv"], dalpha, dbeta, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -549,6 +634,7 @@ def flash_attention(
   block_q: int | None = None,
   block_k: int | None = None,
   interpret: Any = None,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Causal flash attention of the given kind on TPU (or interpreted).
 
@@ -563,6 +649,10 @@ def flash_attention(
     block_q, block_k: tile sizes, multiples of 128 (default up to 512).
     interpret: None (TPU interpret mode unless compiled for a TPU), False,
       True (plain HLO interpret mode) or a `pltpu.InterpretParams`.
+    segment_ids: optional [batch, time] integer document ids of packed rows:
+      a query sees only earlier keys of its own document (see the module
+      docstring). The row factor α must already use positions within the
+      document where it depends on them (`_common.softplus_factors`).
 
   Returns:
     [batch, time, heads, head_dim_v] in q's dtype.
@@ -570,6 +660,7 @@ def flash_attention(
   if kind not in _tile.KINDS or (kind == "lssar") != (power is not None):
     raise ValueError(f"bad kind/power: {kind!r}, {power!r}")
   _common.check_shapes(q, k, v, "pallas_tpu")
+  _common.check_segments(segment_ids, q, "pallas_tpu")
   dtype = _dispatch.kernel_dtype("pallas_tpu", q, k, v)
   t = q.shape[1]
   fit = _common.round_up(t, LANES)
@@ -592,5 +683,6 @@ def flash_attention(
   rows = lambda x: (
     None if x is None else _common.pad_axis(jnp.swapaxes(x.astype(_F32), 1, 2), 2, tp)
   )
-  o = _flash(to_kernel(q), to_kernel(k), to_kernel(v), rows(alpha), rows(beta), cfg)
+  starts = _common.padded_starts(segment_ids, tp)
+  o = _flash(to_kernel(q), to_kernel(k), to_kernel(v), rows(alpha), rows(beta), starts, cfg)
   return jnp.swapaxes(o[:, :, :t, : v.shape[-1]], 1, 2).astype(q.dtype)

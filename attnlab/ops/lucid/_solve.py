@@ -18,18 +18,29 @@ norm (r = 1/rms). Every product is float32-accurate: the solve amplifies
 rounding (on GPUs a single TF32 product would cost ~3 digits). `dot` (HIGHEST
 precision) is the default matmul; a backend may pass its own of the same
 accuracy, such as `bf16x6_dot`, which runs on tensor cores.
+
+Packed documents (`Documents`): L has no entries between documents, so every
+tile K_ij is multiplied by [doc(p) = doc(q)] for its rows p and columns q.
+Documents are contiguous, and every tile the bodies form has q ≤ p, so the
+test needs only the columns' side: p < end(q), the end (exclusive) of q's
+document, read as a [1, block] row per column block. Tiles whose documents do
+not meet are skipped: row block i's earlier loops start at first(i), the
+block holding its first row's document start, and the transposed solve's
+`later` loop stops at stop(i), one past the last block that a document of
+block i reaches. Without documents nothing of this is traced.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnlab.ops import _linalg
+from attnlab.ops import _linalg, _segments
 from attnlab.ops.lucid import _math
 
 _F32 = jnp.float32
@@ -100,8 +111,49 @@ Load = Callable[[str, jax.Array], jax.Array]  # (name, block start) -> [block, w
 Store = Callable[[str, jax.Array, jax.Array], None]  # (name, block start, value)
 
 
+class Documents(NamedTuple):
+  """Packed documents as a body reads them, by row block index (see `document_blocks`).
+
+  ends(j): [1, block] int32, the end (exclusive) of each token's document in block j;
+  first(i): the first block whose tile with row block i can be nonzero;
+  stop(i): one past the last row block whose tile with column block i can be nonzero.
+  """
+
+  ends: Callable[[jax.Array], jax.Array]
+  first: Callable[[jax.Array], jax.Array]
+  stop: Callable[[jax.Array], jax.Array]
+
+
+def document_blocks(segment_ids: jax.Array, tp: int, block: int):
+  """[B, T] ids -> (ends [B, tp], first [B, tp / block], stop [B, tp / block]), int32.
+
+  Padded rows (up to tp) continue the row's last document, as in the xla path:
+  they come after it, so no real row sees them.
+  """
+  t = segment_ids.shape[1]
+  if tp > t:
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - t)), mode="edge")
+  new = _segments.starts(segment_ids)
+  index = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), new.shape)
+  start = lax.cummax(jnp.where(new, index, 0), axis=1)
+  last = jnp.concatenate([new[:, 1:], jnp.ones_like(new[:, :1])], axis=1)
+  end = lax.cummin(jnp.where(last, index + 1, tp), axis=1, reverse=True)
+  first = start[:, ::block] // block
+  stop = -(-end[:, block - 1 :: block] // block)
+  return end, first.astype(jnp.int32), stop.astype(jnp.int32)
+
+
+def _masked(tile: jax.Array, docs: Documents | None, rows: jax.Array, cols: jax.Array, block: int):
+  """A K tile of row block `rows` and column block `cols` <= rows, zero between documents."""
+  if docs is None:
+    return tile
+  row = rows * block + lax.broadcasted_iota(jnp.int32, tile.shape, 0)
+  return jnp.where(row < docs.ends(cols), tile, 0.0)
+
+
 def forward_body(load: Load, store: Store, barrier: Callable[[], None], *, block: int,
-                 num_blocks: int, eps: float, dot: Dot = dot) -> None:  # fmt: skip
+                 num_blocks: int, eps: float, dot: Dot = dot,
+                 docs: Documents | None = None) -> None:  # fmt: skip
   """V′ of one (batch, head): reads 'k', 'v' and earlier 'vp' blocks, writes 'vp'."""
 
   def row(i, carry):
@@ -110,10 +162,13 @@ def forward_body(load: Load, store: Store, barrier: Callable[[], None], *, block
 
     def earlier(j, rhs):
       k_j = normalize(load("k", j * block), eps)
-      return rhs - dot(kernel_tile(k_i, k_j, dot), load("vp", j * block))
+      tile = _masked(kernel_tile(k_i, k_j, dot), docs, i, j, block)
+      return rhs - dot(tile, load("vp", j * block))
 
-    rhs = lax.fori_loop(0, i, earlier, load("v", start).astype(_F32))
-    inverse = unit_lower_inverse(strict_lower(kernel_tile(k_i, k_i, dot)), dot)
+    first = 0 if docs is None else docs.first(i)
+    rhs = lax.fori_loop(first, i, earlier, load("v", start).astype(_F32))
+    own = _masked(kernel_tile(k_i, k_i, dot), docs, i, i, block)
+    inverse = unit_lower_inverse(strict_lower(own), dot)
     store("vp", start, dot(inverse, rhs))
     barrier()  # later rows read this block back
     return carry
@@ -122,7 +177,8 @@ def forward_body(load: Load, store: Store, barrier: Callable[[], None], *, block
 
 
 def backward_body(load: Load, store: Store, barrier: Callable[[], None], *, block: int,
-                  num_blocks: int, eps: float, dot: Dot = dot) -> None:  # fmt: skip
+                  num_blocks: int, eps: float, dot: Dot = dot,
+                  docs: Documents | None = None) -> None:  # fmt: skip
   """dV and dk of one (batch, head) from 'k', 'vp' and the cotangent 'g'.
 
   Writes 'dv' (read back by earlier rows) and accumulates dk̂ in 'dk', then
@@ -145,20 +201,24 @@ def backward_body(load: Load, store: Store, barrier: Callable[[], None], *, bloc
 
     def later(j, rhs):
       k_j = normalize(load("k", j * block), eps)
-      return rhs - dot(kernel_tile(k_j, k_i, dot).T, load("dv", j * block))
+      tile = _masked(kernel_tile(k_j, k_i, dot), docs, j, i, block)
+      return rhs - dot(tile.T, load("dv", j * block))
 
-    rhs = lax.fori_loop(i + 1, num_blocks, later, load("g", start).astype(_F32))
-    own = strict_lower(kernel_tile(k_i, k_i, dot))
+    stop = num_blocks if docs is None else docs.stop(i)
+    rhs = lax.fori_loop(i + 1, stop, later, load("g", start).astype(_F32))
+    own = strict_lower(_masked(kernel_tile(k_i, k_i, dot), docs, i, i, block))
     dv_i = dot(unit_lower_inverse(own, dot).T, rhs)
     store("dv", start, dv_i)
 
     def earlier(j, dk_i):
       k_j = normalize(load("k", j * block), eps)
-      d_g = -dot(dv_i, load("vp", j * block), _NT) * kernel_tile(k_i, k_j, dot)
+      tile = _masked(kernel_tile(k_i, k_j, dot), docs, i, j, block)
+      d_g = -dot(dv_i, load("vp", j * block), _NT) * tile
       store("dk", j * block, load("dk", j * block) + scale * dot(d_g.T, k_i))
       return dk_i + scale * dot(d_g, k_j)
 
-    dk_i = lax.fori_loop(0, i, earlier, jnp.zeros(k_i.shape, _F32))
+    first = 0 if docs is None else docs.first(i)
+    dk_i = lax.fori_loop(first, i, earlier, jnp.zeros(k_i.shape, _F32))
     d_g = -dot(dv_i, load("vp", start), _NT) * own
     dk_i = dk_i + scale * (dot(d_g, k_i) + dot(d_g.T, k_i))
     store("dk", start, load("dk", start) + dk_i)
@@ -201,32 +261,34 @@ def kernel_solve(call: Callable, fwd_kernel: Callable, bwd_kernel: Callable) -> 
   """V′ = L⁻¹V as a `jax.custom_vjp` over one backend's kernels.
 
   Args:
-    call: the backend's `call(kernel, cfg, inputs, out_widths, name)`, which
-      runs a kernel over (batch, kv head) programs and returns its float32
-      outputs.
+    call: the backend's `call(kernel, cfg, inputs, out_widths, name, docs)`,
+      which runs a kernel over (batch, kv head) programs and returns its
+      float32 outputs; docs: None or `document_blocks`' arrays, passed to the
+      kernel after the inputs.
     fwd_kernel: (k, v) -> V′, built on `forward_body`.
     bwd_kernel: (k, V′, dV′) -> (dk, dv), built on `backward_body`.
 
   Returns:
-    solve(k, v, cfg) with a static cfg; the backward pass saves k and V′.
+    solve(k, v, docs, cfg) with a static cfg and docs None or integer arrays
+    (no cotangent); the backward pass saves k, V′ and docs.
   """
 
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-  def solve(k, v, cfg):
-    (vp,) = call(fwd_kernel, cfg, (k, v), (v.shape[-1],), "attnlab_lucid_solve_fwd")
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def solve(k, v, docs, cfg):
+    (vp,) = call(fwd_kernel, cfg, (k, v), (v.shape[-1],), "attnlab_lucid_solve_fwd", docs)
     return vp
 
-  def solve_fwd(k, v, cfg):
-    vp = solve(k, v, cfg)
-    return vp, (k, vp)
+  def solve_fwd(k, v, docs, cfg):
+    vp = solve(k, v, docs, cfg)
+    return vp, (k, vp, docs)
 
   def solve_bwd(cfg, saved, g):
-    k, vp = saved
+    k, vp, docs = saved
     dk, dv = call(
       bwd_kernel, cfg, (k, vp, g.astype(_F32)), (k.shape[-1], vp.shape[-1]),
-      "attnlab_lucid_solve_bwd",
+      "attnlab_lucid_solve_bwd", docs,
     )  # fmt: skip
-    return dk, dv
+    return dk, dv, None
 
   solve.defvjp(solve_fwd, solve_bwd)
   return solve
@@ -239,3 +301,9 @@ def tpu_resident_vmem_bytes(t: int, widths) -> int:
   """VMEM of float32 [t, w] buffers, one per width, double-buffered, each padded to whole
   lane tiles (a head_dim of 64 or 68 still takes 128 lanes)."""
   return 2 * 4 * t * sum(-(-w // LANES) * LANES for w in widths)
+
+
+def tpu_document_vmem_bytes(num_blocks: int, block: int) -> int:
+  """VMEM of the packed documents' int32 [num_blocks, block] ends, double-buffered and padded
+  to whole (8, 128) tiles."""
+  return 2 * 4 * (-(-num_blocks // 8) * 8) * (-(-block // LANES) * LANES)

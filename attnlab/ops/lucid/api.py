@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _dispatch, _dtypes
+from attnlab.ops import _dispatch, _dtypes, _segments
 from attnlab.ops.lucid import _solve
 from attnlab.ops.softmax.api import softmax_attention
 
@@ -52,6 +52,7 @@ def lucid_values(
   context_values: jax.Array | None = None,
   context_length: jax.Array | int = 0,
   block_size: int = 64,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
   **kernel_options,
 ) -> jax.Array:
@@ -65,6 +66,11 @@ def lucid_values(
       preconditioned values, [batch, cache_len, kv_heads, ...]; the first
       `context_length` rows are valid and precede the new tokens.
     block_size: rows per forward-substitution block; any T works.
+    segment_ids: optional [batch, time] int document ids of packed rows: L has
+      no entries between documents, so the solve restarts at each one (any
+      layout: documents may start inside a block; trailing padding of its
+      own id is a document like any other). Every path takes them; the
+      kernels skip the blocks that share no document. Not with a context.
     implementation: None ('pallas_tpu' when compiling for TPU and the
       sequence fits in VMEM, 'pallas_gpu' when compiling for a GPU and
       head_dim is a power of two >= 16, else 'xla'), 'xla' (blocked solve, custom VJP),
@@ -85,16 +91,20 @@ def lucid_values(
     raise ValueError("context_keys and context_values go together")
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
+  _segments.check(segment_ids, k.shape[:2], "lucid_values")
+  if segment_ids is not None and context_keys is not None:
+    raise ValueError("lucid_values: segment_ids and a context do not go together")
   implementation = SOFTMAX_ONLY.get(implementation, implementation)
   impl = _VALUES.choose(implementation, k, v)
   dtype = _dtypes.compute_dtype(k, v)
   cast = lambda a: None if a is None else jnp.asarray(a, dtype)
   if impl in _KERNELS:  # one kernel call per batch shard under a mesh
-    solve = lambda k, v, ck, cv: _VALUES.module(impl).preconditioned_values(
+    solve = lambda k, v, ck, cv, seg: _VALUES.module(impl).preconditioned_values(
       k, v, eps=eps, block_size=block_size, context_keys=ck, context_values=cv,
-      context_length=context_length, **kernel_options,
+      context_length=context_length, segment_ids=seg, **kernel_options,
     )  # fmt: skip
-    return _dispatch.per_shard(solve, *map(cast, (k, v, context_keys, context_values)))
+    arrays = (*map(cast, (k, v, context_keys, context_values)), segment_ids)
+    return _dispatch.per_shard(solve, *arrays)
   return _VALUES.module(impl).preconditioned_values(
     cast(k),
     cast(v),
@@ -103,6 +113,7 @@ def lucid_values(
     context_keys=cast(context_keys),
     context_values=cast(context_values),
     context_length=context_length,
+    segment_ids=segment_ids,
   )
 
 
@@ -114,6 +125,7 @@ def lucid_attention(
   scale: float | None = None,
   eps: float = 1e-5,
   block_size: int = 64,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
 ) -> jax.Array:
   """Causal softmax(q kᵀ·scale) V′ with raw keys in the softmax (GQA as in
@@ -122,11 +134,17 @@ def lucid_attention(
   Args:
     q: [batch, time, heads, head_dim]; k: [batch, time, kv_heads, head_dim];
     v: [batch, time, kv_heads, head_dim_v].
+    segment_ids: optional [batch, time] int document ids of packed rows (the
+      solve and the softmax both keep documents apart).
 
   Returns:
     [batch, time, heads, head_dim_v] in q.dtype.
   """
   # The softmax part can run on a flash kernel, V′ on the solve kernel of the same
   # backend (softmax-only names: see `lucid_values`).
-  v_prime = lucid_values(k, v, eps=eps, block_size=block_size, implementation=implementation)
-  return softmax_attention(q, k, v_prime, scale=scale, implementation=implementation)
+  v_prime = lucid_values(
+    k, v, eps=eps, block_size=block_size, segment_ids=segment_ids, implementation=implementation
+  )
+  return softmax_attention(
+    q, k, v_prime, scale=scale, segment_ids=segment_ids, implementation=implementation
+  )

@@ -11,7 +11,10 @@ import jax
 import jax.numpy as jnp
 
 
-def preconditioned_values(k, v, *, eps, block_size, context_keys, context_values, context_length):
+def preconditioned_values(
+  k, v, *, eps, block_size, context_keys, context_values, context_length, segment_ids=None
+):
+  """segment_ids [B, T] (no context): a token's sum runs over its own document."""
   del block_size
   d = k.shape[-1]
   b, t, h, dv = v.shape
@@ -33,6 +36,8 @@ def preconditioned_values(k, v, *, eps, block_size, context_keys, context_values
     row = offset + i
     logits = jnp.einsum("bhd,bshd->bsh", keys[:, row], keys) * d**-0.5 - d**0.5
     seen = ((positions < limit) | ((positions >= offset) & (positions < row)))[None, :, None]
+    if segment_ids is not None:
+      seen = seen & (segment_ids == segment_ids[:, i, None])[:, :, None]
     weights = jnp.where(seen, jnp.exp(logits), 0.0)
     v_prime = v[:, i] - jnp.einsum("bsh,bshe->bhe", weights, values)
     return values.at[:, row].set(v_prime), v_prime

@@ -15,13 +15,23 @@ The lists are built here in XLA, per (batch, head):
   block i visits order[0 .. before[i]) and then itself;
 - a key block j is visited by query block j and, when attention-typed, by
   every later query block.
+
+Packed documents (`document_lists`): documents start on block boundaries,
+so each block lies in one document and a query block sees key block j only
+if both lie in the same one. The attention-typed blocks of query block i's
+document that precede it are a contiguous run of `order`, from
+first[i] = before[its document's first block] to before[i]; and the query
+blocks that see key block j end at end[j], one past its document's last
+block when j is attention-typed (j + 1 when not).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from attnlab.ops import _segments
 from attnlab.ops.flash import _tile
 
 MASK_VALUE = _tile.MASK_VALUE
@@ -41,21 +51,55 @@ def block_lists(gates: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return order, before, count
 
 
-def visited_tiles(gates: jax.Array) -> dict[str, int]:
+def block_documents(segment_ids: jax.Array, block: int) -> jax.Array:
+  """[batch, time] ids of block-aligned documents -> [batch, blocks] int32 document index
+  of each block (its first token's; documents must not start inside a block)."""
+  return _segments.document_index(segment_ids)[:, ::block]
+
+
+def document_lists(gates: jax.Array, docs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[batch, heads, blocks] gates, [batch, blocks] document indices -> (first, end), int32.
+
+  Query block i visits order[first[i] .. before[i]) and then itself; key
+  block j is visited by query blocks j .. end[j] − 1. Without documents
+  these are 0 and (n where attention-typed, else j + 1).
+  """
+  _, before, visible = block_lists(gates)
+  n = gates.shape[-1]
+  index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), docs.shape)
+  new = jnp.concatenate([jnp.ones_like(docs[:, :1], bool), docs[:, 1:] != docs[:, :-1]], axis=1)
+  last = jnp.concatenate([new[:, 1:], jnp.ones_like(new[:, :1])], axis=1)
+  doc_first = lax.cummax(jnp.where(new, index, 0), axis=1)  # [B, N]
+  doc_end = lax.cummin(jnp.where(last, index + 1, n), axis=1, reverse=True)
+  doc_first = jnp.broadcast_to(doc_first[:, None], before.shape)
+  first = jnp.take_along_axis(before, doc_first, axis=-1)
+  end = jnp.where(visible > 0, doc_end[:, None], index[:, None] + 1)
+  return first.astype(jnp.int32), end.astype(jnp.int32)
+
+
+def visited_tiles(gates: jax.Array, docs: jax.Array | None = None) -> dict[str, int]:
   """How many [block, block] tiles the kernels visit, against a dense causal kernel.
 
   Args:
     gates: [batch, num_blocks, heads] (the op's `block_visible`).
+    docs: optional [batch, num_blocks] document index of each block
+      (`block_documents`, packed rows).
 
   Returns:
     {'forward': tiles of the forward and dq passes, 'dkv': of the dk/dv pass,
      'dense_causal': tiles a causal flash kernel visits per pass}.
   """
-  _, before, visible = block_lists(jnp.moveaxis(gates, 2, 1))
+  gates = jnp.moveaxis(gates, 2, 1)
+  _, before, visible = block_lists(gates)
   b, h, n = visible.shape
-  forward = int(jnp.sum(before + 1))
-  later = jnp.arange(n - 1, -1, -1)  # query blocks after block j
-  dkv = int(jnp.sum(1 + visible * later))
+  if docs is None:
+    forward = int(jnp.sum(before + 1))
+    later = jnp.arange(n - 1, -1, -1)  # query blocks after block j
+    dkv = int(jnp.sum(1 + visible * later))
+  else:
+    first, end = document_lists(gates, docs)
+    forward = int(jnp.sum(before - first + 1))
+    dkv = int(jnp.sum(end - jnp.arange(n)))
   return {"forward": forward, "dkv": dkv, "dense_causal": b * h * n * (n + 1) // 2}
 
 

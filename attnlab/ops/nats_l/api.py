@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _dispatch, _dtypes
+from attnlab.ops import _dispatch, _dtypes, _segments
 from attnlab.ops.nats_l import xla
 
 
@@ -84,6 +84,7 @@ def block_gated_delta_rule(
   scale: float | None = None,
   initial_state: jax.Array | None = None,
   return_final_state: bool = False,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
   **kernel_options,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -103,6 +104,10 @@ def block_gated_delta_rule(
       whole blocks from a decoding cache.
     return_final_state: also return the state after the last block; time must
       then be a multiple of block_size (an incomplete block has no type yet).
+    segment_ids: optional [batch, time] int document ids of packed rows, each
+      document starting on a block boundary (the text pipeline lays packed
+      rows out so for NAtS-L; `data.pack_align`): the state restarts at each
+      document. An initial state belongs to the row's first document.
     implementation: None (best for the platform compiled for: the chunked
       state-pass kernel 'pallas_tpu' / 'pallas_gpu' where the block size
       fits its tiles, else 'xla'), 'xla' (chunked), 'reference' (recurrence),
@@ -129,6 +134,7 @@ def block_gated_delta_rule(
     raise ValueError(
       f"return_final_state needs whole blocks: time {t} is not a multiple of {block_size}"
     )
+  _segments.check(segment_ids, q.shape[:2], "block_gated_delta_rule")
   impl = _DELTA.choose(implementation, q, k, v)
   if implementation is None and not _delta_kernel_fits(impl, block_size):
     impl = "xla"
@@ -137,10 +143,13 @@ def block_gated_delta_rule(
   # The kernels take q, k, v as matmul operands in their own dtype (bf16 stays
   # bf16, f32 accumulation); the xla path and the oracle compute in `dtype`.
   operand = jnp.result_type(q, k, v) if impl.startswith("pallas") else dtype
-  run = lambda q, k, v, g, beta, block_write, state: _DELTA.module(impl).block_gated_delta_rule(
+  run = lambda q, k, v, g, beta, block_write, state, seg: _DELTA.module(
+    impl
+  ).block_gated_delta_rule(
     q, k, v, g, beta, block_write, state,
     block_size=block_size,
     scale=_dtypes.default_scale(dk, scale),
+    segment_ids=seg,
     **(kernel_options if impl.startswith("pallas") else {}),
   )  # fmt: skip
   if impl.startswith("pallas"):  # XLA cannot partition a kernel: one call per batch shard
@@ -148,6 +157,7 @@ def block_gated_delta_rule(
   o, final = run(
     *(jnp.asarray(a, operand) for a in (q, k, v)),
     *(jnp.asarray(a, dtype) for a in (g, beta, block_write, state)),
+    segment_ids,
   )
   return (o.astype(q.dtype), final) if return_final_state else o.astype(q.dtype)
 
@@ -160,6 +170,7 @@ def block_sparse_softmax(
   *,
   block_size: int = 64,
   scale: float | None = None,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
   **kernel_options,
 ) -> jax.Array:
@@ -171,6 +182,12 @@ def block_sparse_softmax(
       weight of each block's keys for later queries (1 = attention-typed).
     block_size: tokens per block.
     scale: default head_dim**-0.5.
+    segment_ids: optional [batch, time] int document ids of packed rows: a
+      query sees only its own document. Documents must start on block
+      boundaries (the text pipeline lays packed rows out so for NAtS-L;
+      `data.pack_align`); the kernels read one document per block (its first
+      token's) and skip the key blocks of other documents, so a document
+      starting inside a block is not kept apart there (not checked).
     implementation: None (the kernel of the compile target: 'pallas_tpu' on
       TPU, 'pallas_gpu' on GPU, when the block size suits it; else 'xla'),
       'xla' (dense mask), 'reference' (per query), 'pallas_tpu' or
@@ -187,21 +204,24 @@ def block_sparse_softmax(
       f"expected q, k [B,T,H,D] and v [B,T,H,Dv]; got q{q.shape} k{k.shape} v{v.shape}"
     )
   _check_gate("block_visible", block_visible, q, q.shape[2], block_size)
+  _segments.check(segment_ids, q.shape[:2], "block_sparse_softmax")
   impl = _SPARSE_SOFTMAX.choose(implementation, q, k, v)
   if implementation is None and impl in _KERNELS and not _kernel_block_ok(impl, block_size):
     impl = "xla"
   scale = _dtypes.default_scale(q.shape[-1], scale)
   if impl in _KERNELS:
     module = _SPARSE_SOFTMAX.module(impl)
-    kernel = lambda q, k, v, gates: module.block_sparse_softmax(
-      q, k, v, gates, block_size=block_size, scale=scale, **kernel_options
+    kernel = lambda q, k, v, gates, seg: module.block_sparse_softmax(
+      q, k, v, gates, block_size=block_size, scale=scale, segment_ids=seg, **kernel_options
     )
-    return _dispatch.per_shard(kernel, q, k, v, block_visible)  # one call per batch shard
+    # One call per batch shard.
+    return _dispatch.per_shard(kernel, q, k, v, block_visible, segment_ids)
   dtype = _dtypes.compute_dtype(q, k, v)
   o = _SPARSE_SOFTMAX.module(impl).block_sparse_softmax(
     *(jnp.asarray(a, dtype) for a in (q, k, v, block_visible)),
     block_size=block_size,
     scale=scale,
+    segment_ids=segment_ids,
   )
   return o.astype(q.dtype)
 

@@ -11,6 +11,11 @@ loops run only over visible blocks, so skipped blocks cost nothing:
   (diagonal) block, then, when the block is attention-typed, every later
   query block.
 
+Packed documents (`segment_ids`, on block boundaries; `_sparse.document_lists`):
+the forward and dq loops start at first[i] of `order` instead of 0, and the
+dk/dv loop ends at end[j], the key block's document's last block, instead of
+the last block; one more list input each.
+
 Layout: [batch, time, heads, head_dim] as the op takes it; head_dim padded
 to a power of two (>= 16), T to the block size, which must be a power of
 two >= 16 (Triton's dot). Softmax logits are in log2 units (exp2), as in
@@ -50,6 +55,7 @@ class _Config:
   interpret: bool
   num_warps: int = 4
   num_stages: int = 2
+  packed: bool = False  # packed documents: one more list per kernel (first, end)
 
   def params(self):
     return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -60,7 +66,16 @@ def _own_mask(block: int) -> jax.Array:
   return rows[None, :] <= rows[:, None]
 
 
-def _fwd_kernel(order_ref, before_ref, gate_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
+def _row_lists(refs, cfg):
+  """(order, before, gate, first or None, the other refs) of a forward or dq kernel."""
+  if cfg.packed:
+    return (*refs[:4], refs[4:])
+  return (*refs[:3], None, refs[3:])
+
+
+def _fwd_kernel(*refs, cfg):
+  order_ref, before_ref, gate_ref, first_ref, refs = _row_lists(refs, cfg)
+  q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   bs = cfg.block
   i = pl.program_id(0)
   q = q_ref[...]
@@ -82,14 +97,16 @@ def _fwd_kernel(order_ref, before_ref, gate_ref, q_ref, k_ref, v_ref, o_ref, lse
     jnp.full((bs, 1), -jnp.inf, _F32),
     jnp.zeros((bs, 1), _F32),
   )
-  carry = lax.fori_loop(0, before_ref[i], lambda j, c: tile(order_ref[j], c, False), carry)
+  first = 0 if first_ref is None else first_ref[i]
+  carry = lax.fori_loop(first, before_ref[i], lambda j, c: tile(order_ref[j], c, False), carry)
   acc, m, total = tile(i, carry, True)
   o_ref[...] = (acc / total).astype(o_ref.dtype)
   lse_ref[...] = (m + jnp.log2(total))[:, 0]  # log2 units
 
 
-def _dq_kernel(order_ref, before_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, cfg):  # fmt: skip
+def _dq_kernel(*refs, cfg):
+  order_ref, before_ref, gate_ref, first_ref, refs = _row_lists(refs, cfg)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
   bs = cfg.block
   i = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
@@ -109,12 +126,15 @@ def _dq_kernel(order_ref, before_ref, gate_ref, q_ref, k_ref, v_ref, do_ref, lse
     )
 
   dq = jnp.zeros(q.shape, _F32)
-  dq = lax.fori_loop(0, before_ref[i], lambda j, c: tile(order_ref[j], c, False), dq)
+  first = 0 if first_ref is None else first_ref[i]
+  dq = lax.fori_loop(first, before_ref[i], lambda j, c: tile(order_ref[j], c, False), dq)
   dq_ref[...] = tile(i, dq, True).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(gate_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dgate_ref, *, cfg):  # fmt: skip
+def _dkv_kernel(*refs, cfg):
+  gate_ref, end_ref = (refs[0], refs[1]) if cfg.packed else (refs[0], None)
+  refs = refs[2:] if cfg.packed else refs[1:]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dgate_ref = refs
   bs = cfg.block
   j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
@@ -136,7 +156,10 @@ def _dkv_kernel(gate_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_re
 
   carry = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32), jnp.zeros((), _F32))
   carry = tile(j, carry, True)
-  last = jnp.where(weight > 0, np.int32(cfg.num_blocks), j + 1)
+  if end_ref is None:
+    last = jnp.where(weight > 0, np.int32(cfg.num_blocks), j + 1)
+  else:
+    last = end_ref[j]
   dk, dv, dgate = lax.fori_loop(j + 1, last, lambda i, c: tile(i, c, False), carry)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -157,10 +180,14 @@ def _call(kernel, cfg: _Config, grid, inputs, outputs, name: str):
   )(*[array for array, _ in inputs])
 
 
-def _lists(gates: jax.Array, width: int):
-  """[B, H, N] gates -> order, before (int32) and gates, padded to `width` blocks."""
+def _lists(gates: jax.Array, docs: jax.Array | None, width: int):
+  """[B, H, N] gates -> order, before (int32), gates and, with documents, first, padded to
+  `width` blocks: the forward and dq kernels' lists."""
   order, before, _ = _sparse.block_lists(gates)
-  return tuple(_common.pad_axis(x, 2, width) for x in (order, before, gates))
+  lists = (order, before, gates)
+  if docs is not None:
+    lists += (_sparse.document_lists(gates, docs)[0],)
+  return tuple(_common.pad_axis(x, 2, width) for x in lists)
 
 
 def _row_specs(cfg: _Config, tp: int, width: int):
@@ -172,12 +199,12 @@ def _row_specs(cfg: _Config, tp: int, width: int):
   return tile, seq, rows, lists
 
 
-def _forward(q, k, v, gates, cfg: _Config):
+def _forward(q, k, v, gates, docs, cfg: _Config):
   b, tp, h, d = q.shape
   dv = v.shape[-1]
   width = pl.next_power_of_2(cfg.num_blocks)
   tile, seq, rows, lists = _row_specs(cfg, tp, width)
-  inputs = [(x, lists) for x in _lists(gates, width)]
+  inputs = [(x, lists) for x in _lists(gates, docs, width)]
   inputs += [(q, tile(d)), (k, seq(d)), (v, seq(dv))]
   outputs = [
     (jax.ShapeDtypeStruct((b, tp, h, dv), q.dtype), tile(dv)),
@@ -189,18 +216,18 @@ def _forward(q, k, v, gates, cfg: _Config):
   return o, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _sparse_softmax(q, k, v, gates, cfg: _Config):
-  return _forward(q, k, v, gates, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _sparse_softmax(q, k, v, gates, docs, cfg: _Config):
+  return _forward(q, k, v, gates, docs, cfg)[0]
 
 
-def _sparse_fwd(q, k, v, gates, cfg: _Config):
-  o, lse = _forward(q, k, v, gates, cfg)
-  return o, (q, k, v, gates, o, lse)
+def _sparse_fwd(q, k, v, gates, docs, cfg: _Config):
+  o, lse = _forward(q, k, v, gates, docs, cfg)
+  return o, (q, k, v, gates, docs, o, lse)
 
 
 def _sparse_bwd(cfg: _Config, saved, do):
-  q, k, v, gates, o, lse = saved
+  q, k, v, gates, docs, o, lse = saved
   b, tp, h, d = q.shape
   dv = v.shape[-1]
   n = cfg.num_blocks
@@ -208,7 +235,7 @@ def _sparse_bwd(cfg: _Config, saved, do):
   delta = jnp.swapaxes(jnp.sum(o.astype(_F32) * do.astype(_F32), axis=-1), 1, 2)  # [B, H, T]
   width = pl.next_power_of_2(n)
   tile, seq, rows, lists = _row_specs(cfg, tp, width)
-  inputs = [(x, lists) for x in _lists(gates, width)]
+  inputs = [(x, lists) for x in _lists(gates, docs, width)]
   inputs += [(q, tile(d)), (k, seq(d)), (v, seq(dv)), (do, tile(dv)), (lse, rows), (delta, rows)]
   (dq,) = _call(
     _dq_kernel, cfg, (n, b, h), inputs, [(jax.ShapeDtypeStruct(q.shape, q.dtype), tile(d))],
@@ -218,9 +245,11 @@ def _sparse_bwd(cfg: _Config, saved, do):
   gate_in = pl.BlockSpec((None, None, width), lambda j, b, h: (b, h, 0))
   # One 16-wide row per key block keeps every Triton block a power of two.
   gate_out = pl.BlockSpec((None, None, None, 16), lambda j, b, h: (b, h, j, 0))
-  inputs = [
-    (_common.pad_axis(gates, 2, width), gate_in), (q, seq(d)), (k, tile(d)), (v, tile(dv)),
-    (do, seq(dv)), (lse, whole), (delta, whole),
+  inputs = [(_common.pad_axis(gates, 2, width), gate_in)]
+  if docs is not None:  # where each key block's visiting query blocks end
+    inputs.append((_common.pad_axis(_sparse.document_lists(gates, docs)[1], 2, width), gate_in))
+  inputs += [
+    (q, seq(d)), (k, tile(d)), (v, tile(dv)), (do, seq(dv)), (lse, whole), (delta, whole),
   ]  # fmt: skip
   outputs = [
     (jax.ShapeDtypeStruct(k.shape, k.dtype), tile(d)),
@@ -230,7 +259,7 @@ def _sparse_bwd(cfg: _Config, saved, do):
   dk, dv_, dgate = _call(
     _dkv_kernel, cfg, (n, b, h), inputs, outputs, "attnlab_nats_l_block_sparse_dkv"
   )
-  return dq, dk, dv_, dgate[..., 0].astype(gates.dtype)
+  return dq, dk, dv_, dgate[..., 0].astype(gates.dtype), None
 
 
 _sparse_softmax.defvjp(_sparse_fwd, _sparse_bwd)
@@ -244,6 +273,7 @@ def block_sparse_softmax(
   *,
   block_size: int,
   scale: float,
+  segment_ids: jax.Array | None = None,
   interpret: bool | None = None,
   num_warps: int = 8,
   num_stages: int = 2,
@@ -254,6 +284,8 @@ def block_sparse_softmax(
     q, k: [batch, time, heads, head_dim]; v: [batch, time, heads, head_dim_v].
     block_visible: [batch, num_blocks, heads] gates (> 0: attention-typed).
     block_size: tokens per block, a power of two >= 16.
+    segment_ids: optional [batch, time] int document ids of packed rows,
+      documents starting on block boundaries.
     interpret: None (interpret unless compiling for GPU) or a bool.
     num_warps, num_stages: Triton launch parameters. 8 warps: with 4 the dk/dv
       kernel spilled 104 bytes a thread at D = 128 (H100 compile, 2026-12-07);
@@ -274,20 +306,25 @@ def block_sparse_softmax(
   tp = n * block_size
   width = lambda m: max(16, pl.next_power_of_2(m))
   prep = lambda x: _common.pad_axis(_common.pad_axis(x.astype(dtype), 1, tp), 3, width(x.shape[3]))
-  cfg = _Config(float(scale), block_size, n, bool(interpret), num_warps, num_stages)
+  docs = None if segment_ids is None else _sparse.block_documents(segment_ids, block_size)
+  cfg = _Config(
+    float(scale), block_size, n, bool(interpret), num_warps, num_stages, docs is not None
+  )
   gates = jnp.swapaxes(block_visible.astype(_F32), 1, 2)  # [B, H, N]
-  o = _sparse_softmax(prep(q), prep(k), prep(v), gates, cfg)
+  o = _sparse_softmax(prep(q), prep(k), prep(v), gates, docs, cfg)
   return o[:, :t, :, : v.shape[-1]].astype(q.dtype)
 
 
 def block_gated_delta_rule(
-  q, k, v, g, beta, block_write, initial_state, *, block_size, scale, **kernel_options
-):
+  q, k, v, g, beta, block_write, initial_state, *, block_size, scale, segment_ids=None,
+  **kernel_options,
+):  # fmt: skip
   """NAtS-L's delta-rule path on the chunked state-pass kernel: chunk = block,
-  each block's state write scaled by its gate (gradient included). Same
-  contract as the xla path: (o [B,T,H,V], the state after the last block)."""
+  each block's state write scaled by its gate (gradient included), packed
+  documents as the kernel handles them. Same contract as the xla path:
+  (o [B,T,H,V], the state after the last block)."""
   o, final = chunk_state.gated_delta_rule(
     q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=block_size,
-    write_gate=block_write, **kernel_options,
+    write_gate=block_write, segment_ids=segment_ids, **kernel_options,
   )  # fmt: skip
   return o, final.astype(initial_state.dtype)

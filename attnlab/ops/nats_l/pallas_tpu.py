@@ -13,7 +13,11 @@ read them:
   block j meets query block j, then, if attention-typed, every later one.
 
 So the work and the K/V traffic of every pass follow the attention-block
-fraction: at fraction 0 only the diagonal tiles are touched. Grid steps
+fraction: at fraction 0 only the diagonal tiles are touched. Packed
+documents (`segment_ids`, on block boundaries) narrow both lists to the
+block's document (`_sparse.document_lists`): forward and dq visit
+order[first[i] .. before[i]), dk/dv the query blocks j .. end[j] − 1; the
+lists replace `visible` in SMEM by `end` and add `first`. Grid steps
 themselves stay at blocks² per (batch, head), each skipped one costing a
 few cycles of bookkeeping.
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +57,46 @@ class _Config:
   num_blocks: int
   heads: int
   interpret: Any
+  packed: bool = False  # packed documents: scalars (order, before, end, gate, first)
+
+
+class _Lists(NamedTuple):
+  """The scalar-prefetched block lists (flattened [batch · heads · blocks] SMEM refs)."""
+
+  order: Any
+  before: Any
+  visible: Any  # None with packed documents, where `end` counts the query blocks
+  gate: Any
+  first: Any = None
+  end: Any = None
+
+
+def _lists(refs, cfg: _Config) -> tuple[_Lists, tuple]:
+  """(the lists, the other refs) of a kernel's or an index map's arguments."""
+  if cfg.packed:
+    order, before, end, gate, first = refs[:5]
+    return _Lists(order, before, None, gate, first, end), refs[5:]
+  return _Lists(*refs[:4]), refs[4:]
+
+
+def _row_list(lists: _Lists, cfg: _Config, b, h, i, j):
+  """(count, key, base) of forward/dq step j of query block i: steps j < count visit
+  earlier key block `key`, step count the own block (key = i)."""
+  base = (b * cfg.heads + h) * cfg.num_blocks
+  if lists.first is None:
+    count, pos = lists.before[base + i], j
+  else:  # the run of `order` in block i's document; clamped where the step is idle
+    start = lists.first[base + i]
+    count, pos = lists.before[base + i] - start, jnp.minimum(start + j, cfg.num_blocks - 1)
+  return count, jnp.where(j < count, lists.order[base + pos], i), base
+
+
+def _column_count(lists: _Lists, cfg: _Config, b, h, j):
+  """(number of query blocks that see key block j, from j on; base)."""
+  base = (b * cfg.heads + h) * cfg.num_blocks
+  if lists.end is None:
+    return jnp.where(lists.visible[base + j] > 0, cfg.num_blocks - j, 1), base
+  return lists.end[base + j] - j, base
 
 
 def _lanes(x: jax.Array, width: int) -> jax.Array:
@@ -69,22 +113,19 @@ def _own_mask(block: int) -> jax.Array:
   return cols <= rows
 
 
-def _row_step(order, before, gate, cfg: _Config):
+def _row_step(lists: _Lists, cfg: _Config):
   """(active, own, key block, gate weight) of forward/dq step j of query block i."""
   b, h, i, j = (pl.program_id(a) for a in range(4))
-  base = (b * cfg.heads + h) * cfg.num_blocks
-  count = before[base + i]
+  count, key, base = _row_list(lists, cfg, b, h, i, j)
   own = j == count
-  key = jnp.where(own, i, order[base + j])
-  weight = jnp.where(own, 1.0, gate[base + key])
+  weight = jnp.where(own, 1.0, lists.gate[base + key])
   return j <= count, own, key, weight, count
 
 
-def _fwd_kernel(order, before, visible, gate, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
-                acc_sc, *, cfg: _Config):  # fmt: skip
-  del visible
+def _fwd_kernel(*refs, cfg: _Config):
+  lists, (q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc) = _lists(refs, cfg)
   bs = cfg.block
-  active, own, _, weight, count = _row_step(order, before, gate, cfg)
+  active, own, _, weight, count = _row_step(lists, cfg)
   j = pl.program_id(3)
 
   @pl.when(j == 0)
@@ -113,11 +154,10 @@ def _fwd_kernel(order, before, visible, gate, q_ref, k_ref, v_ref, o_ref, lse_re
     o_ref[...] = (acc_sc[...] / total[:, :1]).astype(o_ref.dtype)
 
 
-def _dq_kernel(order, before, visible, gate, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, acc_sc, *, cfg: _Config):  # fmt: skip
-  del visible
+def _dq_kernel(*refs, cfg: _Config):
+  lists, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_sc) = _lists(refs, cfg)
   bs = cfg.block
-  active, own, _, weight, count = _row_step(order, before, gate, cfg)
+  active, own, _, weight, count = _row_step(lists, cfg)
   j = pl.program_id(3)
 
   @pl.when(j == 0)
@@ -142,22 +182,21 @@ def _dq_kernel(order, before, visible, gate, q_ref, k_ref, v_ref, do_ref, lse_re
     dq_ref[...] = acc_sc[...].astype(dq_ref.dtype)
 
 
-def _column_step(visible, cfg: _Config):
+def _column_step(lists: _Lists, cfg: _Config):
   """(active, own, number of query blocks) of dk/dv step s of key block j."""
   b, h, j, s = (pl.program_id(a) for a in range(4))
-  n = cfg.num_blocks
-  base = (b * cfg.heads + h) * n
-  count = jnp.where(visible[base + j] > 0, n - j, 1)
+  count, base = _column_count(lists, cfg, b, h, j)
   return s < count, s == 0, count, base
 
 
-def _dkv_kernel(order, before, visible, gate, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, dgate_ref, dk_sc, dv_sc, dgate_sc, *, cfg: _Config):  # fmt: skip
-  del order, before
+def _dkv_kernel(*refs, cfg: _Config):
+  lists, refs = _lists(refs, cfg)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+  dk_ref, dv_ref, dgate_ref, dk_sc, dv_sc, dgate_sc = refs[6:]
   bs = cfg.block
-  active, own, count, base = _column_step(visible, cfg)
+  active, own, count, base = _column_step(lists, cfg)
   j, s = pl.program_id(2), pl.program_id(3)
-  weight = jnp.where(own, 1.0, gate[base + j])
+  weight = jnp.where(own, 1.0, lists.gate[base + j])
 
   @pl.when(s == 0)
   def _init():
@@ -211,15 +250,13 @@ def _call(kernel, cfg: _Config, scalars, inputs, in_specs, outs, scratch, name: 
 
 def _specs(cfg: _Config):
   """BlockSpecs for the row passes (forward, dq) and the column pass (dk/dv)."""
-  bs, n = cfg.block, cfg.num_blocks
+  bs = cfg.block
 
-  def key_block(b, h, i, j, order, before, visible, gate):
-    base = (b * cfg.heads + h) * n
-    return jnp.where(j < before[base + i], order[base + j], i)
+  def key_block(b, h, i, j, *scalars):
+    return _row_list(_lists(scalars, cfg)[0], cfg, b, h, i, j)[1]
 
-  def query_block(b, h, j, s, order, before, visible, gate):
-    base = (b * cfg.heads + h) * n
-    count = jnp.where(visible[base + j] > 0, n - j, 1)
+  def query_block(b, h, j, s, *scalars):
+    count, _ = _column_count(_lists(scalars, cfg)[0], cfg, b, h, j)
     return j + jnp.minimum(s, count - 1)
 
   row_q = lambda w: pl.BlockSpec((None, None, bs, w), lambda b, h, i, j, *p: (b, h, i, 0))
@@ -233,12 +270,16 @@ def _specs(cfg: _Config):
   return row_q, row_kv, col_q, col_kv
 
 
-def _scalars(gates: jax.Array):
+def _scalars(gates: jax.Array, docs: jax.Array | None):
+  """The block lists in `_lists`' order, flattened for SMEM."""
   order, before, visible = _sparse.block_lists(gates)
-  return (order.reshape(-1), before.reshape(-1), visible.reshape(-1), gates.reshape(-1))
+  if docs is None:
+    return (order.reshape(-1), before.reshape(-1), visible.reshape(-1), gates.reshape(-1))
+  first, end = _sparse.document_lists(gates, docs)
+  return tuple(x.reshape(-1) for x in (order, before, end, gates, first))
 
 
-def _forward(q, k, v, gates, cfg: _Config):
+def _forward(q, k, v, gates, docs, cfg: _Config):
   b, h, tp, d = q.shape
   dv = v.shape[-1]
   row_q, row_kv, _, _ = _specs(cfg)
@@ -248,30 +289,30 @@ def _forward(q, k, v, gates, cfg: _Config):
   ]
   scratch = [(cfg.block, LANES), (cfg.block, LANES), (cfg.block, dv)]
   o, lse = _call(
-    _fwd_kernel, cfg, _scalars(gates), (q, k, v), [row_q(d), row_kv(d), row_kv(dv)], outs,
+    _fwd_kernel, cfg, _scalars(gates, docs), (q, k, v), [row_q(d), row_kv(d), row_kv(dv)], outs,
     scratch, "attnlab_nats_l_block_sparse_fwd",
   )  # fmt: skip
   return o, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _sparse_softmax(q, k, v, gates, cfg: _Config):
-  return _forward(q, k, v, gates, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _sparse_softmax(q, k, v, gates, docs, cfg: _Config):
+  return _forward(q, k, v, gates, docs, cfg)[0]
 
 
-def _sparse_fwd(q, k, v, gates, cfg: _Config):
-  o, lse = _forward(q, k, v, gates, cfg)
-  return o, (q, k, v, gates, o, lse)
+def _sparse_fwd(q, k, v, gates, docs, cfg: _Config):
+  o, lse = _forward(q, k, v, gates, docs, cfg)
+  return o, (q, k, v, gates, docs, o, lse)
 
 
 def _sparse_bwd(cfg: _Config, saved, do):
-  q, k, v, gates, o, lse = saved
+  q, k, v, gates, docs, o, lse = saved
   b, h, tp, d = q.shape
   dv = v.shape[-1]
   do = do.astype(q.dtype)
   delta = jnp.sum(o.astype(_F32) * do.astype(_F32), axis=-1)
   delta = jnp.broadcast_to(delta[..., None], (b, h, tp, LANES))
-  scalars = _scalars(gates)
+  scalars = _scalars(gates, docs)
   row_q, row_kv, col_q, col_kv = _specs(cfg)
   (dq,) = _call(
     _dq_kernel, cfg, scalars, (q, k, v, do, lse, delta),
@@ -294,7 +335,7 @@ def _sparse_bwd(cfg: _Config, saved, do):
     [(cfg.block, d), (cfg.block, dv), (SUBLANES, LANES)],
     "attnlab_nats_l_block_sparse_dkv",
   )  # fmt: skip
-  return dq, dk, dv_, dgate[:, :, :, 0, 0].astype(gates.dtype)
+  return dq, dk, dv_, dgate[:, :, :, 0, 0].astype(gates.dtype), None
 
 
 _sparse_softmax.defvjp(_sparse_fwd, _sparse_bwd)
@@ -308,6 +349,7 @@ def block_sparse_softmax(
   *,
   block_size: int,
   scale: float,
+  segment_ids: jax.Array | None = None,
   interpret: Any = None,
 ) -> jax.Array:
   """See `attnlab.ops.block_sparse_softmax`; one [block, block] tile per block pair.
@@ -316,6 +358,8 @@ def block_sparse_softmax(
     q, k: [batch, time, heads, head_dim]; v: [batch, time, heads, head_dim_v].
     block_visible: [batch, num_blocks, heads] gates (> 0: attention-typed).
     block_size: tokens per block, a multiple of 8.
+    segment_ids: optional [batch, time] int document ids of packed rows,
+      documents starting on block boundaries.
     interpret: None (interpret unless compiling for TPU), False, True or a
       `pltpu.InterpretParams`.
 
@@ -336,20 +380,23 @@ def block_sparse_softmax(
     x = _common.pad_axis(jnp.swapaxes(x.astype(dtype), 1, 2), 2, tp)
     return _common.pad_axis(x, 3, width(x.shape[3]))
 
-  cfg = _Config(float(scale), block_size, n, q.shape[2], interpret)
+  docs = None if segment_ids is None else _sparse.block_documents(segment_ids, block_size)
+  cfg = _Config(float(scale), block_size, n, q.shape[2], interpret, docs is not None)
   gates = jnp.swapaxes(block_visible.astype(_F32), 1, 2)  # [B, H, N]
-  o = _sparse_softmax(to_kernel(q), to_kernel(k), to_kernel(v), gates, cfg)
+  o = _sparse_softmax(to_kernel(q), to_kernel(k), to_kernel(v), gates, docs, cfg)
   return jnp.swapaxes(o[:, :, :t, : v.shape[-1]], 1, 2).astype(q.dtype)
 
 
 def block_gated_delta_rule(
-  q, k, v, g, beta, block_write, initial_state, *, block_size, scale, **kernel_options
-):
+  q, k, v, g, beta, block_write, initial_state, *, block_size, scale, segment_ids=None,
+  **kernel_options,
+):  # fmt: skip
   """NAtS-L's delta-rule path on the chunked state-pass kernel: chunk = block,
-  each block's state write scaled by its gate (gradient included). Same
-  contract as the xla path: (o [B,T,H,V], the state after the last block)."""
+  each block's state write scaled by its gate (gradient included), packed
+  documents as the kernel handles them. Same contract as the xla path:
+  (o [B,T,H,V], the state after the last block)."""
   o, final = chunk_state.gated_delta_rule(
     q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=block_size,
-    write_gate=block_write, **kernel_options,
+    write_gate=block_write, segment_ids=segment_ids, **kernel_options,
   )  # fmt: skip
   return o, final.astype(initial_state.dtype)

@@ -15,15 +15,29 @@ import jax.numpy as jnp
 from attnlab.ops import _delta_chunks
 
 
-def block_gated_delta_rule(q, k, v, g, beta, block_write, initial_state, *, block_size, scale):
+def block_gated_delta_rule(
+  q, k, v, g, beta, block_write, initial_state, *, block_size, scale, segment_ids=None
+):
+  """segment_ids [B, T]: every state restarts from zero where a document starts
+  (documents start on block boundaries, as packed NAtS-L rows are laid out)."""
   t = q.shape[1]
   steps = jnp.arange(t)
   gate = block_write[:, steps // block_size]  # [B, T, H]
   ends = (steps % block_size) == block_size - 1
+  b = q.shape[0]
+  if segment_ids is None:
+    fresh = jnp.zeros((b, t), bool)
+  else:
+    fresh = jnp.concatenate(
+      [jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
 
   def step(carry, inputs):
     start_state, state, log_decay = carry
-    qt, kt, vt, gt, bt, mt, end = inputs
+    qt, kt, vt, gt, bt, mt, end, new = inputs
+    reset = new[:, None, None, None]
+    start_state, state = (jnp.where(reset, 0.0, s) for s in (start_state, state))
+    log_decay = jnp.where(new[:, None], 0.0, log_decay)
     state, o = _delta_chunks.recurrent_step(state, qt, kt, vt, gt, bt, scale)
     log_decay = log_decay + gt
     decayed = jnp.exp(log_decay)[..., None, None] * start_state
@@ -33,16 +47,17 @@ def block_gated_delta_rule(q, k, v, g, beta, block_write, initial_state, *, bloc
     log_decay = jnp.where(end, 0.0, log_decay)
     return (start_state, state, log_decay), o
 
-  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, gate)) + (ends,)
+  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, gate)) + (ends, fresh.T)
   log_decay = jnp.zeros(q.shape[:1] + q.shape[2:3], q.dtype)
   (_, state, _), out = jax.lax.scan(step, (initial_state, initial_state, log_decay), xs)
   return jnp.moveaxis(out, 0, 1), state
 
 
-def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale):
+def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale, segment_ids=None):
   t = q.shape[1]
   block = jnp.arange(t) // block_size
   key_gate = block_visible[:, block]  # [B, T(key), H]
+  seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
 
   def one_query(_, i):
     logits = jnp.einsum("bhd,bshd->bsh", q[:, i], k) * scale  # [B, T, H]
@@ -50,6 +65,7 @@ def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale):
     weight = jnp.where(
       own[None, :, None], 1.0, jnp.where((block < block[i])[None, :, None], key_gate, 0.0)
     )
+    weight = jnp.where((seg == seg[:, i, None])[:, :, None], weight, 0.0)
     logits = jnp.where(weight > 0, logits, -jnp.inf)
     p = weight * jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=1, keepdims=True)))
     p = p / p.sum(axis=1, keepdims=True)

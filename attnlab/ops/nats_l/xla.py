@@ -13,10 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _delta_chunks
+from attnlab.ops import _delta_chunks, _segments
 
 
-def block_gated_delta_rule(q, k, v, g, beta, block_write, initial_state, *, block_size, scale):
+def block_gated_delta_rule(
+  q, k, v, g, beta, block_write, initial_state, *, block_size, scale, segment_ids=None
+):
   """Returns (o, the state after the last block); the api asks for whole blocks
   when it hands the state on, so an incomplete last block's write never leaks."""
   return _delta_chunks.chunked_gated_delta(
@@ -25,6 +27,7 @@ def block_gated_delta_rule(q, k, v, g, beta, block_write, initial_state, *, bloc
     initial_state=initial_state,
     chunk=block_size,
     write_gate=block_write,
+    segment_ids=segment_ids,
   )  # fmt: skip
 
 
@@ -37,9 +40,12 @@ def block_key_weights(block_visible: jax.Array, t: int, block_size: int) -> jax.
   return jnp.where(same_block, 1.0, jnp.where(earlier, per_key[:, :, None, :], 0.0))
 
 
-def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale):
+def block_sparse_softmax(q, k, v, block_visible, *, block_size, scale, segment_ids=None):
   t = q.shape[1]
   weights = block_key_weights(block_visible, t, block_size)
+  if segment_ids is not None:
+    docs = _segments.document_index(segment_ids)
+    weights = jnp.where(_segments.same_document(docs, docs)[:, None], weights, 0.0)
   logits = jnp.einsum("bqhd,bshd->bhqs", q, k) * scale
   # The stabiliser only looks at keys that can be visible.
   reachable = jax.lax.stop_gradient(weights) > 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _dispatch, _dtypes
+from attnlab.ops import _dispatch, _dtypes, _segments
 from attnlab.ops.linear.api import linear_attention
 from attnlab.ops.soft import reference, xla
 
@@ -63,6 +63,7 @@ def soft_attention(
   initial_state: jax.Array | None = None,
   output_final_state: bool = False,
   chunk_size: int = 64,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
   """Nyström Gaussian-kernel attention with K = Q.
@@ -84,6 +85,9 @@ def soft_attention(
       = Σ_s p_sᵀ [v_s, 1] over earlier tokens.
     output_final_state: also return the state after the last step.
     chunk_size: of the linear-attention scan; any T works.
+    segment_ids: optional [batch, time] int document ids of packed rows
+      (causal only): the scan's state and the row-sum normaliser restart at
+      every document; an initial state belongs to the row's first document.
     implementation: None, 'xla' (features + chunked linear attention) or
       'reference' (explicit T×T matrix with a direct inverse; no state).
 
@@ -101,6 +105,9 @@ def soft_attention(
     )
   if not causal and (initial_state is not None or output_final_state):
     raise ValueError("bidirectional SOFT (causal=False) has no recurrent state")
+  _segments.check(segment_ids, q.shape[:2], "soft_attention")
+  if not causal and segment_ids is not None:
+    raise ValueError("soft_attention: segment_ids need the causal form")
   impl = "reference" if _DISPATCH.choose(implementation) == "reference" else "xla"
   dtype = _dtypes.compute_dtype(q, v, landmarks)
   q32, v32, l32 = (jnp.asarray(a, dtype) for a in (q, v, landmarks))
@@ -109,8 +116,9 @@ def soft_attention(
     if initial_state is not None or output_final_state:
       raise ValueError("the reference SOFT has no state; use implementation='xla'")
     out = reference.soft_attention(
-      q32, v32, l32, ridge=ridge, normalize=normalize, eps=eps, causal=causal
-    )
+      q32, v32, l32, ridge=ridge, normalize=normalize, eps=eps, causal=causal,
+      segment_ids=segment_ids,
+    )  # fmt: skip
     return out.astype(q.dtype), None
 
   if normalize:
@@ -135,6 +143,7 @@ def soft_attention(
       initial_state=initial_state,
       output_final_state=output_final_state,
       chunk_size=chunk_size,
+      segment_ids=segment_ids,
       implementation=impl,
     )
   else:
@@ -145,6 +154,10 @@ def soft_attention(
       key_sums = jnp.cumsum(key_side, axis=1)
       if initial_state is not None:  # its last column is Σ P̂_s over earlier tokens
         key_sums = key_sums + initial_state[..., -1][:, None]
+      if segment_ids is not None:  # restart at each document: drop the sums before it
+        first = jnp.arange(q.shape[1]) - _segments.positions(segment_ids)  # [B, T]
+        before = jnp.concatenate([jnp.zeros_like(key_sums[:, :1]), key_sums], axis=1)
+        key_sums = key_sums - jnp.take_along_axis(before, first[:, :, None, None], axis=1)
     else:
       key_sums = jnp.sum(key_side, axis=1, keepdims=True)
     floor = xla.normalizer_floor(query_side, key_sums, eps)

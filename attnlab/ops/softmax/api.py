@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import jax
 
-from attnlab.ops import _dispatch
+from attnlab.ops import _dispatch, _segments
 
 
 def _eligible(kernel: str, arrays) -> bool:
   """cuDNN's limits: one 16-bit dtype, head_dim <= 128 and a multiple of 8,
-  equal q/v head dims; splash's: not under jax_enable_x64. Our Pallas kernels
-  take any KERNEL_DTYPES input."""
+  equal q/v head dims, no packed documents; splash's: not under
+  jax_enable_x64. Our Pallas kernels take any KERNEL_DTYPES input."""
   if kernel == "splash":
     return not jax.config.jax_enable_x64
   if kernel != "cudnn":
     return True
   q, k, v = arrays[:3]
   d = q.shape[-1]
-  return (
+  packed = any(a.ndim == 2 for a in arrays[3:])  # segment_ids ride along as the 2-D input
+  return not packed and (
     len({q.dtype, k.dtype, v.dtype}) == 1 and q.dtype.itemsize == 2 and d <= 128 and d % 8 == 0
     and v.shape[-1] == d
   )  # fmt: skip
@@ -73,6 +74,7 @@ def softmax_attention(
   *,
   scale: float | None = None,
   logit_scale: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
 ) -> jax.Array:
   """Causal softmax attention with GQA.
@@ -84,6 +86,8 @@ def softmax_attention(
     scale: logit scale, default head_dim**-0.5.
     logit_scale: optional [batch, time, heads] multiplier of each query's
       logits (selective attention's temperature).
+    segment_ids: optional [batch, time] int document ids of packed rows: a
+      query sees only earlier keys of its own document (`attnlab.ops._segments`).
     implementation: None (best for the platform compiled for: 'splash'
       on TPU, 'cudnn' or 'pallas_gpu' on GPU, 'xla' elsewhere and for
       float64), 'xla', 'reference', 'pallas_tpu', 'pallas_gpu', 'splash' or
@@ -98,9 +102,15 @@ def softmax_attention(
       f"q has {q.shape[1]} steps but k has {k.shape[1]}; use "
       "softmax_attention_cached for queries against a cache"
     )
-  module = _DISPATCH.module(implementation, q, k, v)
-  call = lambda q, k, v, ls: module.softmax_attention(q, k, v, scale=scale, logit_scale=ls)
-  return _dispatch.per_shard(call, q, k, v, logit_scale)
+  _segments.check(segment_ids, q.shape[:2], "softmax_attention")
+  module = _DISPATCH.module(implementation, q, k, v, segment_ids)
+  if segment_ids is None:
+    call = lambda q, k, v, ls: module.softmax_attention(q, k, v, scale=scale, logit_scale=ls)
+    return _dispatch.per_shard(call, q, k, v, logit_scale)
+  call = lambda q, k, v, ls, seg: module.softmax_attention(
+    q, k, v, scale=scale, logit_scale=ls, segment_ids=seg
+  )
+  return _dispatch.per_shard(call, q, k, v, logit_scale, segment_ids)
 
 
 def softmax_attention_cached(

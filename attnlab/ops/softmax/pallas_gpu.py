@@ -16,6 +16,7 @@ def softmax_attention(
   *,
   scale: float | None = None,
   logit_scale: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
   **kernel_options,
 ) -> jax.Array:
   """See `attnlab.ops.softmax_attention`; `kernel_options` go to
@@ -23,5 +24,5 @@ def softmax_attention(
   alpha = None if logit_scale is None else logit_scale.astype(jnp.float32)
   return pallas_gpu.flash_attention(
     q, k, v, alpha, None, kind="softmax", scale=_dtypes.default_scale(q.shape[-1], scale),
-    **kernel_options,
+    segment_ids=segment_ids, **kernel_options,
   )  # fmt: skip

@@ -20,6 +20,7 @@ def softmax_attention_cached(
   *,
   scale: float | None = None,
   logit_scale: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Queries at positions `cache_length - Tq .. cache_length - 1` over a cache.
 
@@ -28,6 +29,8 @@ def softmax_attention_cached(
     k, v: [batch, kv_time, kv_heads, head_dim]; rows >= cache_length ignored.
     cache_length: number of valid cache rows (queries are the last Tq).
     logit_scale: optional [batch, q_time, heads], multiplies each query's logits.
+    segment_ids: optional [batch, kv_time] document ids of the cache rows (the
+      queries are its last Tq rows); a query sees only keys with its own id.
 
   Returns:
     [batch, q_time, heads, head_dim_v] in q.dtype.
@@ -48,7 +51,10 @@ def softmax_attention_cached(
       logits = jnp.einsum("bd,bsd->bs", qt, kh) * scale
       if logit_scale is not None:
         logits = logits * logit_scale[:, t, head, None].astype(dtype)
-      logits = jnp.where(kv_pos[None] <= position, logits, -jnp.inf)
+      visible = kv_pos[None] <= position
+      if segment_ids is not None:
+        visible = visible & (segment_ids == segment_ids[:, position, None])
+      logits = jnp.where(visible, logits, -jnp.inf)
       weights = jax.nn.softmax(logits, axis=-1)
       heads.append(jnp.einsum("bs,bse->be", weights, vh))
     outputs.append(jnp.stack(heads, axis=1))
@@ -62,6 +68,9 @@ def softmax_attention(
   *,
   scale: float | None = None,
   logit_scale: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Causal attention over one sequence: [B,T,H,D] x [B,T,Hkv,D] -> [B,T,H,Dv]."""
-  return softmax_attention_cached(q, k, v, q.shape[1], scale=scale, logit_scale=logit_scale)
+  return softmax_attention_cached(
+    q, k, v, q.shape[1], scale=scale, logit_scale=logit_scale, segment_ids=segment_ids
+  )

@@ -17,6 +17,16 @@ SSA's per-query temperature are folded into q before the kernel (in q's
 dtype, as the cuDNN path does), and T is zero-padded to the block size. Padded keys sit after every real query, so
 the causal mask hides them; padded query rows are sliced off, so their
 cotangent is zero and they add nothing to dk or dv.
+
+Packed documents (`segment_ids`) go to splash's own `SegmentIds`, which are
+per call, not per batch row, so the batch is not folded into the heads then:
+one call per batch row, `jax.vmap` (one kernel with a batch grid axis) when
+compiled for a TPU and `lax.map` in interpret mode, where a vmapped splash
+call fails. Splash masks by id equality; it is given each token's document
+start (`flash._common.document_starts`), which numbers the contiguous runs,
+so ids reused by two separate runs still make two documents, as in every
+other path. Splash skips only the tiles its static causal mask hides: a tile
+that documents hide entirely is still computed (masked) there.
 """
 
 from __future__ import annotations
@@ -25,11 +35,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
 from attnlab.ops import _dispatch, _dtypes
+from attnlab.ops.flash import _common
 
 LANE = 128
 MAX_BLOCK = 512  # MaxText's splash defaults (sa_block_* = 512)
@@ -64,6 +76,7 @@ def softmax_attention(
   *,
   scale: float | None = None,
   logit_scale: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
   blocks: splash.BlockSizes | None = None,
   interpret: bool | None = None,
 ) -> jax.Array:
@@ -74,6 +87,8 @@ def softmax_attention(
     k: [batch, time, kv_heads, head_dim]; kv_heads divides heads.
     v: [batch, time, kv_heads, head_dim_v]
     logit_scale: optional [batch, time, heads] per-query temperature.
+    segment_ids: optional [batch, time] integer document ids of packed rows
+      (a query sees only earlier keys of its own document).
     blocks: splash tile sizes for the padded length (default `block_sizes`).
     interpret: None (interpret unless compiled for a TPU) or a bool.
 
@@ -100,13 +115,20 @@ def softmax_attention(
     x = jnp.swapaxes(pad(x), 1, 2)
     return x.reshape(-1, *x.shape[2:])
 
-  kernel = splash.make_splash_mha(
-    _mask(b * h, tp),
+  make = lambda heads: splash.make_splash_mha(
+    _mask(heads, tp),
     block_sizes=blocks or block_sizes(tp),
     head_shards=1,
     q_seq_shards=1,
     interpret=pltpu.InterpretParams() if interpret else False,
   )
-  out = kernel(heads_major(qs), heads_major(k), heads_major(v))  # [B·H, Tp, Dv]
-  out = out.reshape(b, h, tp, v.shape[-1])
+  if segment_ids is None:
+    out = make(b * h)(heads_major(qs), heads_major(k), heads_major(v))  # [B·H, Tp, Dv]
+    out = out.reshape(b, h, tp, v.shape[-1])
+  else:
+    kernel = make(h)
+    starts = _common.padded_starts(segment_ids, tp)  # [B, Tp]: one id per document
+    row = lambda q, k, v, ids: kernel(q, k, v, segment_ids=splash.SegmentIds(q=ids, kv=ids))
+    args = (*(jnp.swapaxes(pad(x), 1, 2) for x in (qs, k, v)), starts)  # [B, H, Tp, D], ...
+    out = lax.map(lambda a: row(*a), args) if interpret else jax.vmap(row)(*args)
   return jnp.swapaxes(out, 1, 2)[:, :t].astype(q.dtype)

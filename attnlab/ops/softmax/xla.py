@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _causal_chunks, _dtypes
+from attnlab.ops import _causal_chunks, _dtypes, _segments
 
 
 def _grouped(q, k, v, scale, logit_scale, dtype):
@@ -32,7 +32,8 @@ def _grouped(q, k, v, scale, logit_scale, dtype):
 
 
 def _attend(qg, kg, vg, visible):
-  """Softmax attention of grouped queries [B,Hkv,G,Tq,D] over [B,Hkv,S,*]; visible [Tq,S]."""
+  """Softmax attention of grouped queries [B,Hkv,G,Tq,D] over [B,Hkv,S,*]; visible
+  [Tq,S] or [B,1,1,Tq,S] (packed documents)."""
   logits = jnp.einsum("bkgtd,bksd->bkgts", qg, kg)
   weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
   return jnp.einsum("bkgts,bkse->bkgte", weights, vg)
@@ -69,13 +70,18 @@ def softmax_attention(
   *,
   scale: float | None = None,
   logit_scale: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """See `attnlab.ops.softmax_attention`: q [B,T,H,D], k/v [B,T,Hkv,*] -> [B,T,H,Dv]."""
   dtype = _dtypes.compute_dtype(q, k, v)
   qg, kg, vg = _grouped(q, k, v, _dtypes.default_scale(q.shape[-1], scale), logit_scale, dtype)
+  docs = None if segment_ids is None else _segments.document_index(segment_ids)
   outs = []
   for start, end in _causal_chunks.query_chunks(q.shape[1]):
     visible = (start + jnp.arange(end - start))[:, None] >= jnp.arange(end)[None, :]
+    if docs is not None:
+      same = _segments.same_document(docs[:, start:end], docs[:, :end])
+      visible = (visible & same)[:, None, None]
     outs.append(
       _attend(qg[:, :, :, start:end], kg[:, :, :end], vg[:, :, :end], visible)
     )  # fmt: skip

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _dispatch, _dtypes
+from attnlab.ops import _dispatch, _dtypes, _segments
 
 _DISPATCH = _dispatch.Dispatch(
   op="softplus_attention",
@@ -36,7 +36,7 @@ def _check(q, k, v, power, name) -> None:
     raise ValueError(f"{name}: power must be positive or None (LSSA), got {power}")
 
 
-def _run(q, k, v, power, query_positions, key_length, implementation, name):
+def _run(q, k, v, power, query_positions, key_length, implementation, name, segment_ids=None):
   """The dense paths ('xla', 'reference') on GQA-expanded keys and values."""
   _check(q, k, v, power, name)
   impl = "reference" if _DISPATCH.choose(implementation) == "reference" else "xla"
@@ -45,7 +45,7 @@ def _run(q, k, v, power, query_positions, key_length, implementation, name):
   k, v = (jnp.repeat(jnp.asarray(a, dtype), group, axis=2) for a in (k, v))
   o = _DISPATCH.module(impl).softplus_attention(
     jnp.asarray(q, dtype), k, v, power=power, query_positions=query_positions,
-    key_length=key_length,
+    key_length=key_length, segment_ids=segment_ids,
   )  # fmt: skip
   return o.astype(q.dtype)
 
@@ -56,6 +56,7 @@ def softplus_attention(
   v: jax.Array,
   *,
   power: float | None = None,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
 ) -> jax.Array:
   """Causal LSSA (power=None) or LSSAR (power=p).
@@ -64,6 +65,9 @@ def softplus_attention(
     q: [batch, time, heads, head_dim]; k: [batch, time, kv_heads, head_dim];
     v: [batch, time, kv_heads, head_dim_v]; kv_heads divides heads.
     power: None for LSSA; p (e.g. 3 or 15) for LSSAR.
+    segment_ids: optional [batch, time] int document ids of packed rows: a
+      query sees only its own document's earlier keys, and the row index i
+      (in log i, and LSSAR's i and O_i) is its position within the document.
     implementation: None (the Pallas kernel when compiled for a TPU or GPU,
       else 'xla'), 'xla' (dense scores), 'reference' (per row), 'pallas_tpu' or
       'pallas_gpu' (flash kernels; interpreted on other backends).
@@ -73,13 +77,17 @@ def softplus_attention(
   """
   if q.shape[1] != k.shape[1]:
     raise ValueError("softplus_attention: q and k lengths differ; use softplus_attention_cached")
+  _segments.check(segment_ids, q.shape[:2], "softplus_attention")
   implementation = _DISPATCH.choose(implementation, q, k, v)
   if implementation in _KERNELS:
     _check(q, k, v, power, "softplus_attention")
     kernel = _DISPATCH.module(implementation).softplus_attention
-    return _dispatch.per_shard(lambda q, k, v: kernel(q, k, v, power=power), q, k, v)
+    if segment_ids is None:
+      return _dispatch.per_shard(lambda q, k, v: kernel(q, k, v, power=power), q, k, v)
+    call = lambda q, k, v, seg: kernel(q, k, v, power=power, segment_ids=seg)
+    return _dispatch.per_shard(call, q, k, v, segment_ids)
   t = q.shape[1]
-  return _run(q, k, v, power, jnp.arange(t), t, implementation, "softplus_attention")
+  return _run(q, k, v, power, jnp.arange(t), t, implementation, "softplus_attention", segment_ids)
 
 
 def softplus_attention_cached(

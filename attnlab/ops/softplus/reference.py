@@ -14,16 +14,23 @@ import jax.numpy as jnp
 from attnlab.ops._softplus_semantics import ROUNDING_SLACK
 
 
-def softplus_attention(q, k, v, *, power, query_positions, key_length):
+def softplus_attention(q, k, v, *, power, query_positions, key_length, segment_ids=None):
+  """segment_ids [B, T] (full causal op only): a query sees keys with its own
+  id, and i counts the keys it sees (its position within the document)."""
   d = q.shape[-1]
+  b = q.shape[0]
+  seg = jnp.zeros((b, k.shape[1]), jnp.int32) if segment_ids is None else segment_ids
   qn = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
   kn = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   key_pos = jnp.arange(k.shape[1])
 
   def one_row(_, inputs):
     q_row, pos = inputs  # [B, H, D], scalar
-    i = (pos + 1).astype(q.dtype)
-    visible = ((key_pos <= pos) & (key_pos < key_length))[None, :, None]
+    causal = (key_pos <= pos) & (key_pos < key_length)  # [Tk]
+    own = seg == jax.lax.dynamic_index_in_dim(seg, pos, axis=1)  # [B, Tk]
+    seen = causal[None] & own
+    i = seen.sum(1).astype(q.dtype)[:, None, None]  # [B, 1, 1] keys seen = 1-based position
+    visible = seen[:, :, None]
     a = jnp.where(
       visible,
       jax.nn.softplus(jnp.log(d) * jnp.log(i) * jnp.einsum("bhd,bkhd->bkh", q_row, kn)),

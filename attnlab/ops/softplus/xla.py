@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops import _causal_chunks
+from attnlab.ops import _causal_chunks, _segments
 from attnlab.ops import _softplus_semantics as semantics
 
 
@@ -64,27 +64,39 @@ def _attend(qs, k_hat, v, visible, i, power):
   return jnp.einsum("bhts,bhse->bhte", w, v) * normaliser
 
 
-def softplus_attention(q, k, v, *, power, query_positions, key_length):
+def softplus_attention(q, k, v, *, power, query_positions, key_length, segment_ids=None):
   """q [B,Tq,H,D]; k, v [B,Tk,H,*] (heads already repeated) -> [B,Tq,H,Dv].
 
   The queries sit at absolute 0-based positions `query_positions` [Tq] =
   key_length − Tq + arange(Tq) (as both public ops pass them); keys
   0..key_length−1 are valid. A static `key_length` equal to Tq = Tk is thus
-  the full causal op (queries at 0..T−1), which runs in query chunks.
+  the full causal op (queries at 0..T−1), which runs in query chunks; only it
+  takes `segment_ids` [B, T] (packed documents: the row index i restarts at
+  each document, and documents do not see each other).
   """
   tq, tk, d = q.shape[1], k.shape[1], q.shape[-1]
-  rows = (query_positions + 1).astype(q.dtype)[:, None]  # [Tq, 1]
+  if segment_ids is None:
+    rows = (query_positions + 1).astype(q.dtype)[:, None]  # [Tq, 1]
+    docs = None
+  else:  # per-row positions within the document: [B, 1, Tq, 1]
+    rows = (_segments.positions(segment_ids) + 1).astype(q.dtype)[:, None, :, None]
+    docs = _segments.document_index(segment_ids)
   qs = jnp.swapaxes(_normalize(q), 1, 2) * (math.log(d) * jnp.log(rows))
   k_hat, vh = jnp.swapaxes(_normalize(k), 1, 2), jnp.swapaxes(v, 1, 2)
   if isinstance(key_length, int) and key_length == tq == tk:
     outs = []
     for start, end in _causal_chunks.query_chunks(tq):
       visible = (start + jnp.arange(end - start))[:, None] >= jnp.arange(end)[None, :]
+      if docs is not None:
+        same = _segments.same_document(docs[:, start:end], docs[:, :end])
+        visible = (visible & same)[:, None]
       outs.append(
         _attend(qs[:, :, start:end], k_hat[:, :, :end], vh[:, :, :end], visible,
-                rows[start:end], power)
+                rows[..., start:end, :], power)
       )  # fmt: skip
     return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
+  if segment_ids is not None:
+    raise ValueError("segment_ids apply to the full causal op only (queries = keys)")
   key_pos = jnp.arange(tk)
   visible = (key_pos[None, :] <= query_positions[:, None]) & (key_pos[None, :] < key_length)
   return jnp.swapaxes(_attend(qs, k_hat, vh, visible, rows, power), 1, 2)
