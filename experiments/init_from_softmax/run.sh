@@ -14,6 +14,8 @@ PRE=${PRE:-400}
 FINETUNE=${FINETUNE:-200}
 VARIANTS=${VARIANTS:-"lucid ssa softplus gated_deltanet"}
 source experiments/nats_l_shakespeare/common.sh
+mkdir -p "$OUT"
+[ -f "$OUT/commit.txt" ] || git describe --always --dirty > "$OUT/commit.txt"  # the code these runs use
 STEPS=$PRE NAME=softmax_pretrained train softmax
 for v in $VARIANTS; do
   STEPS=$FINETUNE NAME=${v}_scratch train "$v"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,18 +45,23 @@ def _run(workdir: str) -> dict | None:
   }
 
 
+def _commit(seed_dir: str) -> str:
+  """The code a seed's runs used (run.sh writes commit.txt before training)."""
+  path = os.path.join(seed_dir, "commit.txt")
+  if os.path.exists(path):
+    return open(path).read().strip()
+  return "unknown"
+
+
 def collect(seed_dirs: list[str]) -> dict:
-  commit = subprocess.run(
-    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
-  ).stdout.strip()
   import jax
 
-  out = {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "commit": commit,
-         "runs": {}}  # fmt: skip
+  out = {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "runs": {}}
   for seed_dir in seed_dirs:
     for name in sorted(os.listdir(seed_dir)):
       run = _run(os.path.join(seed_dir, name))
       if run is not None:
+        run["settings"]["commit"] = _commit(seed_dir)
         out["runs"][f"{os.path.basename(seed_dir)}/{name}"] = run
   return out
 
@@ -66,9 +70,10 @@ def table(results: dict) -> str:
   """Final eval loss per variant: from scratch, from softmax, and the difference."""
   runs = results["runs"]
   pre = {k: r for k, r in runs.items() if k.endswith("/softmax_pretrained")}
+  commits = sorted({r["settings"]["commit"] for r in runs.values()})
   lines = [
     f"Generated from results.json (date {results['date']}, jax {results['jax']}, "
-    f"commit {results['commit']}).",
+    f"code {'; '.join(commits)}).",
     "",
   ]
   for key, r in sorted(pre.items()):
