@@ -17,6 +17,7 @@ for them.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from attnlab.ops import _dispatch, _segments
 
@@ -31,7 +32,8 @@ def _eligible(kernel: str, arrays) -> bool:
     return True
   q, k, v = arrays[:3]
   d = q.shape[-1]
-  packed = any(a.ndim == 2 for a in arrays[3:])  # segment_ids ride along as the 2-D input
+  # segment_ids are the one integer input; cuDNN's call here takes no document masks.
+  packed = any(jnp.issubdtype(a.dtype, jnp.integer) for a in arrays[3:])
   return not packed and (
     len({q.dtype, k.dtype, v.dtype}) == 1 and q.dtype.itemsize == 2 and d <= 128 and d % 8 == 0
     and v.shape[-1] == d
