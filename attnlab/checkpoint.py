@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 _UNFINISHED = ".orbax-checkpoint-tmp"
+_MARKER = ".attnlab-directory"  # this run's token (see Checkpointer._mark_directory)
 # Written by `python -m attnlab.convert` beside config.json: where the workdir's
 # parameters came from, and the one step it wrote, which has no data position.
 CONVERTED_FILE = "converted.json"
@@ -78,6 +80,7 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=True
       ),
     )
+    self._mark_directory()
     self._directory_identity = self._identity()
 
   def latest_step(self) -> int | None:
@@ -155,12 +158,27 @@ class Checkpointer:
     except Exception as error:
       raise self._translated(error, step) from error
 
-  def _identity(self) -> tuple[int, int] | None:
+  def _mark_directory(self) -> None:
+    """Process 0 leaves a token of this run in the directory: a directory that was
+    deleted and made again (by an in-flight save) can reuse the inode number, so
+    the inode alone does not tell that it vanished."""
+    if jax.process_index() == 0:
+      with open(os.path.join(self.directory, _MARKER), "w") as f:
+        f.write(uuid.uuid4().hex)
+
+  def _identity(self) -> tuple[int, int, str | None] | None:
     try:
       info = os.stat(self.directory)
     except OSError:
       return None
-    return info.st_dev, info.st_ino
+    token = None
+    if jax.process_index() == 0:
+      try:
+        with open(os.path.join(self.directory, _MARKER)) as f:
+          token = f.read()
+      except OSError:
+        token = None
+    return info.st_dev, info.st_ino, token
 
   def _vanished(self) -> bool:
     """The checkpoint directory was deleted (or replaced) since it was made."""
@@ -173,6 +191,7 @@ class Checkpointer:
       os.makedirs(self.directory, exist_ok=True)
       for name in self._unfinished():  # a save that was in flight: its rest is garbage
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self._mark_directory()
     self._directory_identity = self._identity()
     self.manager.reload()  # forget the steps that went with it
     if not self._warned_vanished:

@@ -77,7 +77,7 @@ def from_hf(source: str, workdir: str, dtype: str = "float32") -> str:
   fields = hf.model_fields(hf_config)  # unsupported architectures fail before any reading
   workdir = os.path.abspath(workdir)
   checkpoints = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+  if os.path.isdir(checkpoints) and any(n[0] != "." for n in os.listdir(checkpoints)):
     raise errors.UsageError(
       f"--workdir={workdir} already holds checkpoints; convert into a new workdir"
     )

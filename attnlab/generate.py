@@ -31,11 +31,11 @@ def _next_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: in
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k"))
-def _generate(graphdef, params, prompt, rng, *, max_new_tokens, temperature, top_k):
+def _generate(graphdef, params, prompt, segment_ids, rng, *, max_new_tokens, temperature, top_k):
   model = nnx.merge(graphdef, params)
   batch, prompt_len = prompt.shape
   cache = model.init_cache(batch, prompt_len + max_new_tokens)
-  logits, cache = model.step(prompt, cache)
+  logits, cache = model.step(prompt, cache, segment_ids)
 
   def decode(carry, step_rng):
     last_logits, cache = carry
@@ -66,16 +66,24 @@ def generate(
   temperature: float = 0.0,
   top_k: int | None = None,
   rng: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Continues `prompt` [batch, prompt_len] by `max_new_tokens` tokens.
 
   temperature 0 is greedy; otherwise samples (optionally from the top_k).
-  Returns [batch, prompt_len + max_new_tokens] token ids. Raises ValueError
-  when a row outgrew a cache sized below the worst case
+  segment_ids [batch, prompt_len] int: packed prompts; each row continues its
+  last document, which sees nothing before it. This batches prompts of
+  different lengths exactly: put filler (any id of its own) before the
+  shorter ones. Returns [batch, prompt_len + max_new_tokens] token ids.
+  Raises ValueError when a row outgrew a cache sized below the worst case
   (model.mixer.nats_l.decode_attn_blocks), as its tokens would be wrong.
   """
   if prompt.ndim != 2 or prompt.shape[1] < 1:
     raise ValueError(f"prompt must be [batch, length >= 1], got {prompt.shape}")
+  if segment_ids is not None and np.shape(segment_ids) != prompt.shape:
+    raise ValueError(
+      f"segment_ids must match the prompt's shape {prompt.shape}, got {np.shape(segment_ids)}"
+    )
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   graphdef, params = nnx.split(model)
@@ -84,6 +92,7 @@ def generate(
     graphdef,
     params,
     jnp.asarray(prompt, jnp.int32),
+    None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
     rng,
     max_new_tokens=max_new_tokens,
     temperature=float(temperature),

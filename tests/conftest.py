@@ -108,6 +108,11 @@ def forward(model, *args):
   return _jitted_call()(model, *args)
 
 
+def checkpoint_entries(workdir) -> list[str]:
+  """The sorted entries of <workdir>/checkpoints, less the run's hidden marker file."""
+  return sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n[0] != ".")
+
+
 def metric_rows(workdir) -> list[dict]:
   """The rows of <workdir>/metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -137,6 +142,34 @@ def free_port() -> int:
 # --- model cases: (trunk overrides, {variant: option overrides}) -------------------------------
 
 # Whole models: decoding against the parallel logits (tests/test_models.py).
+# One trunk configuration per mixer for the packed-document (segment_ids) tests.
+PACKED_MIXERS = [
+  ("gated_deltanet", dict(chunk_size=4, num_v_heads=4)),
+  ("linear", dict(chunk_size=4)),
+  ("softmax", {}),
+  ("ssa", dict(alpha_init=1.0)),  # a position slope large enough to matter
+  ("softplus", {}),
+  ("softplus", dict(power=15)),
+  ("lucid", dict(block_size=4)),
+  ("soft", dict(chunk_size=4)),
+  ("nats_l", dict(block_size=4)),
+]
+
+
+def packed_model(attention, **mixer):
+  """A one-layer trunk with a canon conv (which must keep documents apart too)."""
+  from flax import nnx
+
+  from attnlab import config as config_lib
+  from attnlab.models import build_model
+
+  c = config_lib.base_config().model
+  c.update(dict(d_model=32, num_heads=2, mlp_dim=64, vocab_size=50, num_layers=1))
+  c.update(dict(attention=attention, canon_conv=3))
+  c.mixer[attention].update(mixer)
+  return build_model(c, nnx.Rngs(0))
+
+
 MODEL_CASES = {
   "softmax": (dict(attention="softmax"), {}),
   "softmax_gqa_qknorm": (dict(attention="softmax", num_kv_heads=2, qk_norm=True), {}),
@@ -217,6 +250,9 @@ def pytest_collection_modifyitems(config, items):
     for marker in ("gpu", "tpu"):
       if marker in item.keywords and backend != marker:
         item.add_marker(pytest.mark.skip(reason=f"needs a {marker.upper()}"))
+    # Minutes of compiling each: only when the marker expression names them.
+    if item.get_closest_marker("heavy") and "heavy" not in config.option.markexpr:
+      item.add_marker(pytest.mark.skip(reason="heavy compile-only check; run with -m heavy"))
 
 
 # --- real accelerator compilers on this CPU host -------------------------------------------

@@ -26,6 +26,7 @@ from .conftest import (
   REPO,
   TINY_RUN_FLAGS,
   assert_same_losses,
+  checkpoint_entries,
   free_port,
   metric_rows,
   tiny_config,
@@ -153,7 +154,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_complete_one(
   assert any(line in r.getMessage() for r in absl_warnings.records)
   moved = os.listdir(os.path.join(copy, "checkpoints_damaged"))
   assert len(moved) == 1 and moved[0].startswith(str(_STEPS))
-  assert sorted(os.listdir(ckpt_dir)) == ["1", "2"]  # nothing earlier lost
+  assert checkpoint_entries(copy) == ["1", "2"]  # nothing earlier lost
 
 
 def _copy_of(workdir, target, drop=()):
@@ -184,7 +185,7 @@ def test_two_damaged_checkpoints_fall_back_two_steps(saved_run, tmp_path):
   step, _, batch, ckpt = _restore(config, copy)
   assert step == 1 and len(ckpt.skipped) == 2
   np.testing.assert_array_equal(batch["inputs"], _batch_after(config, 1)["inputs"])
-  assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["1"]
+  assert checkpoint_entries(copy) == ["1"]
 
 
 def test_every_checkpoint_failing_raises_and_moves_nothing(saved_run, tmp_path):
@@ -194,7 +195,7 @@ def test_every_checkpoint_failing_raises_and_moves_nothing(saved_run, tmp_path):
   bigger = tiny_config(total_steps=_STEPS, **{"model.d_model": 96})
   with pytest.raises(Exception):  # noqa: B017 (orbax's shape-mismatch error type varies)
     _restore(bigger, copy)
-  assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["1", "2", "3"]
+  assert checkpoint_entries(copy) == ["1", "2", "3"]
   assert not os.path.exists(os.path.join(copy, "checkpoints_damaged"))
 
 
@@ -235,7 +236,7 @@ def _kill_during_a_save(workdir):
   try:
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-      names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+      names = checkpoint_entries(workdir) if os.path.isdir(ckpt_dir) else []
       unfinished = [n for n in names if ".orbax-checkpoint-tmp" in n]
       if unfinished and len(names) >= 3:  # a few complete steps exist
         proc.send_signal(signal.SIGKILL)
@@ -263,7 +264,7 @@ def test_sigkill_during_an_async_save_resumes_to_the_same_losses(tmp_path):
   else:
     pytest.fail("never caught a save in flight in 3 attempts")
   complete = sorted(
-    int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()
+    int(n) for n in checkpoint_entries(workdir) if n.isdigit()
   )  # fmt: skip
   assert complete and complete[-1] < _TOTAL
 

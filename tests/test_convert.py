@@ -25,7 +25,7 @@ import safetensors.numpy  # noqa: E402
 
 from attnlab import convert, errors, hf, loader  # noqa: E402
 
-from .conftest import REPO, forward  # noqa: E402
+from .conftest import REPO, checkpoint_entries, forward  # noqa: E402
 
 TINY = dict(
   architectures=["LlamaForCausalLM"],
@@ -340,7 +340,7 @@ def test_converted_workdir_is_a_training_workdir(tmp_path):
     500.0, 1e-5, False, True, False,
   )  # fmt: skip
   assert (m.canon_conv, m.dtype, m.rope) == (0, "float32", True)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0"]
+  assert checkpoint_entries(workdir) == ["0"]
   with pytest.raises(errors.UsageError, match="already holds checkpoints"):
     convert.from_hf(source, workdir)
 

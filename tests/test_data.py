@@ -7,7 +7,7 @@ from flax import nnx
 from attnlab import config as config_lib
 from attnlab.data import make_dataset, synthetic, text, text_corpus, tokenizers
 
-from .conftest import SHAKESPEARE, forward
+from .conftest import PACKED_MIXERS, SHAKESPEARE, forward, packed_model
 
 
 def test_mqar_answers_are_the_values_of_queried_keys():
@@ -224,38 +224,15 @@ def test_aligned_packing_starts_every_document_on_a_block_boundary():
   assert (seg[~real] >= 0).all() and (seg[real] > 0).all()
 
 
-def _packed_model(attention, **mixer):
-  from attnlab.models import build_model
-
-  c = config_lib.base_config().model
-  c.update(dict(d_model=32, num_heads=2, mlp_dim=64, vocab_size=50, num_layers=1))
-  c.update(dict(attention=attention, canon_conv=3))
-  c.mixer[attention].update(mixer)
-  return build_model(c, nnx.Rngs(0))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-  "attention,mixer",
-  [
-    ("gated_deltanet", dict(chunk_size=4, num_v_heads=4)),
-    ("linear", dict(chunk_size=4)),
-    ("softmax", {}),
-    ("ssa", dict(alpha_init=1.0)),  # a position slope large enough to matter
-    ("softplus", {}),
-    ("softplus", dict(power=15)),
-    ("lucid", dict(block_size=4)),
-    ("soft", dict(chunk_size=4)),
-    ("nats_l", dict(block_size=4)),
-  ],
-)
+@pytest.mark.parametrize("attention,mixer", PACKED_MIXERS)
 def test_packed_row_equals_documents_run_separately(attention, mixer):
   """Through the whole trunk (canon conv, short convs, mixer): logits and parameter
   gradients of a packed row equal those of its documents run one by one."""
   import jax
   import jax.numpy as jnp
 
-  model = _packed_model(attention, **mixer)
+  model = packed_model(attention, **mixer)
   # NAtS-L's documents start on block boundaries (data.pack_align); the others' anywhere.
   lengths = (8, 4, 12) if attention == "nats_l" else (6, 3, 9)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (1, sum(lengths))), jnp.int32)

@@ -19,7 +19,7 @@ import pytest
 
 from attnlab import checkpoint, metrics, trainer
 
-from .conftest import REPO, assert_same_losses, metric_rows, tiny_config
+from .conftest import REPO, assert_same_losses, checkpoint_entries, metric_rows, tiny_config
 
 _TOTAL = 30
 _FLAGS = [
@@ -47,7 +47,7 @@ def _train(workdir, *extra):
 
 
 def _steps_on_disk(workdir) -> list[str]:
-  return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  return checkpoint_entries(workdir)
 
 
 @pytest.fixture
@@ -228,5 +228,18 @@ def test_sigterm_twice_finishes_the_checkpoint(tmp_path):
   ckpt = checkpoint.Checkpointer(str(workdir), keep=3)
   try:
     assert ckpt.latest_step() == int(steps[0])
+  finally:
+    ckpt.close()
+
+
+def test_a_checkpoint_directory_made_again_counts_as_vanished(tmp_path):
+  """Deleted and made again (as an in-flight save does), the directory may get the old
+  inode number back; the run's token still tells it is not the directory it made."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1)
+  try:
+    assert not ckpt._vanished()
+    shutil.rmtree(ckpt.directory)
+    os.makedirs(ckpt.directory)
+    assert ckpt._vanished()
   finally:
     ckpt.close()

@@ -55,7 +55,7 @@ def test_budget_check_flags_a_spilling_kernel():
   assert kernel_report.over_budget([row], {key: {**zero[key], "spill_stores": 8}}) == []
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # two minutes of compiling; the budgets below run in the plain suite
 def test_report_command_writes_rows_and_tables(cuda, tmp_path, capsys):
   """`python -m benchmarks.kernel_report` end to end on one small op family, both
   compilers: JSON lines per kernel and the XLA part, and the Markdown made from them."""

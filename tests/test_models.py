@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from attnlab import config as config_lib
-from attnlab import optim, trainer
+from attnlab import generate, optim, trainer
 from attnlab.models import attention, build_model, layer_mixers, layers
 
-from .conftest import MODEL_CASES, forward, load_config
+from .conftest import MODEL_CASES, PACKED_MIXERS, forward, load_config, packed_model
 
 
 def _model_config(**overrides):
@@ -163,8 +163,6 @@ def test_nats_l_case_routes_both_ways_over_the_prefill_prompts():
 def test_nats_l_decode_cache_sized_by_routing_and_overflow():
   """decode_attn_blocks caps each head's attention-typed blocks in the cache: enough
   gives the full cache's tokens from smaller arrays; too few raises."""
-  from attnlab import generate
-
   prompt = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 13)))
   new, max_len = 19, 32  # 8 blocks: the worst-case cache has 8 slots per head
   full = _nats_l_prefill_model(num_layers=1)  # whose heads route few blocks to attention
@@ -533,3 +531,53 @@ def test_plain_nnx_training_loop_compiles_once(variant):
   assert len(traces) == 1, f"{variant}: traced {len(traces)} times in 3 steps"
   assert jax.tree.structure(nnx.state(model)) == structure  # nothing accumulates
   assert all(np.isfinite(losses))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention,mixer", PACKED_MIXERS)
+def test_packed_prompt_decodes_each_document_as_the_parallel_form(attention, mixer):
+  """Prefill a packed prompt (segment_ids) in two chunks, then decode without them:
+  every step's logits equal the parallel form's on the packed row, whose documents
+  are each what they compute alone (tests/test_data.py). At the split row 0 begins a
+  document and row 1 continues one (mid-block for the non-NAtS-L variants)."""
+  model = packed_model(attention, **mixer)
+  _randomize_temperatures(model)
+  # NAtS-L's documents start on block boundaries (4), as in training.
+  if attention == "nats_l":
+    lengths, split = [(8, 4, 16), (8, 20)], 12
+  else:
+    lengths, split = [(6, 5, 11), (9, 13)], 11
+  seg = jnp.asarray(np.stack([np.repeat(np.arange(len(ls)) + 5, ls) for ls in lengths]), jnp.int32)
+  total, prompt = seg.shape[1], seg.shape[1] - 4  # the last document's last 4 are decoded
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 50, seg.shape), jnp.int32)
+  parallel = forward(model, tokens, seg)
+  step = nnx.jit(lambda m, tokens, cache, seg: m.step(tokens, cache, seg))
+  cache = model.init_cache(2, total)
+  first, cache = step(model, tokens[:, :split], cache, seg[:, :split])
+  rest, cache = step(model, tokens[:, split:prompt], cache, seg[:, split:prompt])
+  parts = [first, rest]
+  for t in range(prompt, total):
+    logits, cache = _step(model, tokens[:, t : t + 1], cache)
+    parts.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(parts, 1), parallel, atol=2e-5, rtol=2e-5)
+  # Without segment ids the documents mix: the test can tell them apart.
+  assert float(jnp.max(jnp.abs(forward(model, tokens) - parallel))) > 1e-3
+
+
+def test_generate_batches_prompts_of_different_lengths_exactly():
+  """A ragged batch as packed prompts (filler before the shorter prompt, as its own
+  document) generates, row by row, what each prompt generates alone."""
+  model = build_model(_model_config(attention="softmax", canon_conv=3), nnx.Rngs(0))
+  rng = np.random.default_rng(4)
+  long, short = rng.integers(1, 50, 9), rng.integers(1, 50, 5)
+  prompt = jnp.asarray(np.stack([long, np.concatenate([np.zeros(4, int), short])]), jnp.int32)
+  seg = jnp.asarray([[1] * 9, [0] * 4 + [1] * 5], jnp.int32)
+  batched = generate.generate(model, prompt, max_new_tokens=5, segment_ids=seg)
+  for row, alone in enumerate((long, short)):
+    want = generate.generate(model, jnp.asarray(alone[None], jnp.int32), max_new_tokens=5)
+    np.testing.assert_array_equal(batched[row, -5:], want[0, -5:])
+  # Without segment ids the filler is context, and the short row's tokens change.
+  mixed = generate.generate(model, prompt, max_new_tokens=5)
+  assert not np.array_equal(mixed[1, -5:], batched[1, -5:])
+  with pytest.raises(ValueError, match="segment_ids must match"):
+    generate.generate(model, prompt, max_new_tokens=2, segment_ids=seg[:, :3])

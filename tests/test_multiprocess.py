@@ -11,7 +11,7 @@ import pytest
 
 import attnlab.data
 
-from .conftest import REPO, TINY_RUN_FLAGS, free_port, load_config, metric_rows
+from .conftest import REPO, TINY_RUN_FLAGS, checkpoint_entries, free_port, load_config, metric_rows
 
 pytestmark = pytest.mark.slow
 
@@ -73,4 +73,4 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
   for key in ("train/loss", "train/accuracy"):
     np.testing.assert_allclose([r[key] for r in got], [r[key] for r in expected], rtol=1e-5)
   np.testing.assert_allclose(got[-1]["eval/loss"], expected[-1]["eval/loss"], rtol=1e-5)
-  assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["2", "4"]
+  assert checkpoint_entries(multi) == ["2", "4"]

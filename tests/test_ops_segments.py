@@ -245,3 +245,67 @@ def test_nats_l_sparse_softmax_segments(x64, aligned_rows):
                              implementation="reference"),
     run(aligned_rows)(q, k, v, gates), atol=1e-10, rtol=1e-10,
   )  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("op", ["softmax", "ssa", "lssa", "lssar15", "lucid_values"])
+def test_cached_ops_with_segments_equal_the_full_packed_op(x64, impl, op):
+  """A prefill chunk against a cache of a packed row (segment_ids over the cache rows,
+  the chunk's own included, padding rows after them): values and gradients equal the
+  full packed op's rows for the chunk. The chunk starts inside a document (row 0: it
+  continues one, then begins two), on a boundary (row 2) and inside the one-document
+  row 1."""
+  q, k, v, cot = _inputs()
+  seg = jnp.asarray(_segment_ids())
+  t, start, extra = q.shape[1], 5, 3  # chunk = rows 5..23; 3 unused cache rows after it
+  junk = np.random.default_rng(5)  # the unused rows hold junk, never zeros only
+  pad = lambda a: jnp.concatenate(
+    [a, jnp.asarray(junk.normal(size=(a.shape[0], extra, *a.shape[2:])), a.dtype)], 1
+  )
+  cache_seg = jnp.pad(seg, ((0, 0), (0, extra)), constant_values=7)
+  ls = jnp.asarray(np.random.default_rng(3).uniform(0.5, 2.0, q.shape[:3]))
+  power = {"lssa": None, "lssar15": 15.0}.get(op)
+  if op == "lucid_values":
+    arrays, cot = (k, v), cot[:, start:, : k.shape[2]]
+
+    def full(k, v):
+      return ops.lucid_values(k, v, block_size=4, segment_ids=seg, implementation=impl)[:, start:]
+
+    def cached(k, v):  # the prefix's V′ (the packed solve) is the cache's context
+      prefix = ops.lucid_values(
+        k[:, :start], v[:, :start], block_size=4, segment_ids=seg[:, :start], implementation=impl
+      )
+      context_values = pad(jnp.concatenate([prefix, jnp.zeros_like(v[:, start:])], 1))
+      return ops.lucid_values(
+        k[:, start:], v[:, start:], block_size=4, context_keys=pad(k),
+        context_values=context_values, context_length=start, segment_ids=cache_seg,
+        implementation=impl,
+      )  # fmt: skip
+  else:
+    arrays, cot = (q, k, v), cot[:, start:]
+    if op in ("softmax", "ssa"):
+      scale = ls if op == "ssa" else None
+      full = lambda q, k, v: ops.softmax_attention(
+        q, k, v, logit_scale=scale, segment_ids=seg, implementation=impl
+      )[:, start:]
+      cached = lambda q, k, v: ops.softmax_attention_cached(
+        q[:, start:], pad(k), pad(v), t, segment_ids=cache_seg, implementation=impl,
+        logit_scale=None if scale is None else scale[:, start:],
+      )  # fmt: skip
+    else:
+      full = lambda q, k, v: ops.softplus_attention(
+        q, k, v, power=power, segment_ids=seg, implementation=impl
+      )[:, start:]
+      cached = lambda q, k, v: ops.softplus_attention_cached(
+        q[:, start:], pad(k), pad(v), t, power=power, segment_ids=cache_seg,
+        implementation=impl,
+      )  # fmt: skip
+  argnums = tuple(range(len(arrays)))
+  run = lambda f: jax.jit(
+    jax.value_and_grad(lambda *a: (jnp.sum(f(*a) * cot), f(*a)), argnums, has_aux=True)
+  )
+  (_, out_c), grads_c = run(cached)(*arrays)
+  (_, out_f), grads_f = run(full)(*arrays)
+  np.testing.assert_allclose(out_c, out_f, atol=1e-10, rtol=1e-10)
+  for i, (gc, gf) in enumerate(zip(grads_c, grads_f)):
+    np.testing.assert_allclose(gc, gf, atol=1e-10, rtol=1e-10, err_msg=f"gradient {i}")

@@ -23,12 +23,15 @@ from .conftest import REPO, load_config, tpu_mesh
 # its Gated DeltaNet layers are gated_deltanet_1b's kind. The whole configs take 5 to 30
 # CPU-minutes each; the README's table has them, through `python -m attnlab.plan`
 # (benchmarks/results/plan_*.json).
+# The plain suite compiles softmax_1b (about a minute); the other three take 2-4 minutes
+# each on 2 busy cores and run with `-m heavy`.
 _SHORT = {"model.num_layers": 1, "data.seq_len": 512, "model.max_len": 512}
+_HEAVY = pytest.mark.heavy
 LARGE = [
-  ("lucid_1b", "v5p-64", _SHORT),
+  pytest.param("lucid_1b", "v5p-64", _SHORT, marks=_HEAVY),
   ("softmax_1b", "v5p-64", _SHORT),
-  ("gated_deltanet_1b", "v5p-64", _SHORT),
-  (
+  pytest.param("gated_deltanet_1b", "v5p-64", _SHORT, marks=_HEAVY),
+  pytest.param(
     "nats_l_340m",
     "v5p-32",
     {
@@ -37,6 +40,7 @@ LARGE = [
       "data.seq_len": 1024,
       "model.max_len": 1024,
     },
+    marks=_HEAVY,
   ),
 ]
 

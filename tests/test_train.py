@@ -18,7 +18,7 @@ import pytest
 import attnlab.data
 from attnlab import evaluate, generate, loader, trainer
 
-from .conftest import REPO, load_config, loss_by_step, metric_rows, tiny_config
+from .conftest import REPO, checkpoint_entries, load_config, loss_by_step, metric_rows, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_generates(tmp_path):
   assert any(
     f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard"))
   )
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30"]
+  assert checkpoint_entries(workdir) == ["10", "20", "30"]
 
   model, config, step = loader.load_model(workdir)
   assert step == 30 and config.model.d_model == 64
@@ -98,7 +98,7 @@ def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="simulated crash"):
     trainer.train_and_evaluate(tiny_config(), resumed)
   monkeypatch.setattr(attnlab.data, "make_dataset", real_make_dataset)
-  assert max(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints"))) == 20
+  assert max(int(s) for s in checkpoint_entries(resumed)) == 20
   trainer.train_and_evaluate(tiny_config(), resumed)  # resumes from step 20
 
   # A restart from step 0 would give the same losses: the rows show the resume.
@@ -198,7 +198,7 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
   stopped_at = metric_rows(workdir)[-1]["step"]
-  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped_at)]
+  assert checkpoint_entries(workdir) == [str(stopped_at)]
   rerun = subprocess.run(
     cmd[:-2] + [f"--config.total_steps={stopped_at + 3}"],
     cwd=REPO,

@@ -175,7 +175,8 @@ class ShortConv(nnx.Module):
     """x [B, T, C], state [B, K-1, C] or None -> (y [B, T, C], new state).
 
     segment_ids [B, T] int (packed documents): a tap never reads a position of
-    another document; the state counts as the row's first document.
+    another document; the state counts as the row's first document, and the
+    new state keeps only the last document's inputs (zeros before it).
     """
     t = x.shape[1]
     if state is None:
@@ -186,6 +187,8 @@ class ShortConv(nnx.Module):
     if segment_ids is not None:
       seg = jnp.pad(segment_ids, ((0, 0), (self.kernel_size - 1, 0)), mode="edge")
       taps = [tap * (seg[:, i : i + t] == segment_ids)[..., None] for i, tap in enumerate(taps)]
+      last = (seg[:, t:] == segment_ids[:, -1:])[..., None]
+      padded = padded.at[:, t:].set(jnp.where(last, padded[:, t:], 0))
     y = sum(taps)
     return (jax.nn.silu(y) if self.activation else y), padded[:, t:]
 

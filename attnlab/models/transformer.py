@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from attnlab import sharding
+from attnlab import ops, sharding
 from attnlab.models import attention, layers
 
 
@@ -97,13 +97,14 @@ class Block(nnx.Module):
       return cache
     return {"mixer": cache, "canon": self.canon.init_state(batch, dtype)}
 
-  def step(self, x: jax.Array, cache, start: jax.Array):
+  def step(self, x: jax.Array, cache, start: jax.Array, docs: attention.Documents):
+    """x [B, t, d_model] after `start` cached tokens -> (x [B, t, d_model], new cache)."""
     if self.canon is None:
       h, _ = self.mixer_input(x)
-      y, cache = self.mixer.step(h, cache, start)
+      y, cache = self.mixer.step(h, cache, start, docs)
     else:
-      h, canon_state = self.mixer_input(x, cache["canon"])
-      y, mixer_cache = self.mixer.step(h, cache["mixer"], start)
+      h, canon_state = self.mixer_input(x, docs.carry(cache["canon"]), docs.chunk)
+      y, mixer_cache = self.mixer.step(h, cache["mixer"], start, docs)
       cache = {"mixer": mixer_cache, "canon": canon_state}
     x = x + y
     return x + self.mlp(self.mlp_norm(x)), cache
@@ -201,28 +202,79 @@ class Transformer(nnx.Module):
       layer_caches = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
     else:
       layer_caches = [b.init_cache(batch, max_len, self.dtype) for b in self.blocks]
-    return {"length": jnp.zeros((), jnp.int32), "layers": layer_caches}
+    return {
+      "length": jnp.zeros((), jnp.int32),
+      "layers": layer_caches,
+      # Packed prompts: each cached token's document number, and the last
+      # token's segment id (does the next step's first token continue it?).
+      "documents": jnp.zeros((batch, max_len), jnp.int32),
+      "last_segment": jnp.zeros((batch,), jnp.int32),
+    }
 
-  def step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  def step(
+    self, tokens: jax.Array, cache: dict, segment_ids: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     """Consumes tokens [B, t] after `cache['length']` earlier ones.
 
     Prefill is one call with the whole prompt; decoding calls it with t = 1.
+    segment_ids [B, t] int: a packed prompt (a new document wherever the id
+    changes, and at the first token unless its id equals the last cached
+    token's); each document then computes what it would alone, and later
+    steps without segment_ids continue each row's last document.
     Returns logits [B, t, vocab] and the updated cache.
     """
     start = cache["length"]
+    docs, documents, last = _documents(cache, tokens.shape, segment_ids)
     x = self.embed(tokens)
     if self.scan_layers:
       x, new_layers = nnx.scan(
-        lambda h, blk, c: blk.step(h, c, start),
+        lambda h, blk, c: blk.step(h, c, start, docs),
         in_axes=(nnx.Carry, 0, 0),
         out_axes=(nnx.Carry, 0),
       )(x, self.blocks, cache["layers"])
     else:
       new_layers = []
       for block, layer_cache in zip(self.blocks, cache["layers"]):
-        x, layer_cache = block.step(x, layer_cache, start)
+        x, layer_cache = block.step(x, layer_cache, start, docs)
         new_layers.append(layer_cache)
-    return self._logits(x), {"length": start + tokens.shape[1], "layers": new_layers}
+    new_cache = {
+      "length": start + tokens.shape[1],
+      "layers": new_layers,
+      "documents": documents,
+      "last_segment": last,
+    }
+    return self._logits(x), new_cache
+
+
+def _documents(
+  cache: dict, shape: tuple[int, int], segment_ids: jax.Array | None
+) -> tuple[attention.Documents, jax.Array, jax.Array]:
+  """The documents of a step's tokens [B, t] after `cache['length']` cached ones.
+
+  Returns (the mixers' `Documents`, the cache's new document numbers
+  [B, max_len], the new last segment id [B]).
+  """
+  b, t = shape
+  start = cache["length"]
+  numbers = cache["documents"]
+  previous = jax.lax.dynamic_index_in_dim(numbers, jnp.maximum(start - 1, 0), 1, keepdims=False)
+  if segment_ids is None:
+    chunk, continues, last = None, None, cache["last_segment"]
+    new = jnp.broadcast_to(previous[:, None], (b, t))
+  else:
+    if segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(
+        f"segment_ids must be integer [batch, time] = {(b, t)} like the tokens, "
+        f"got {segment_ids.dtype}{tuple(segment_ids.shape)}"
+      )
+    continues = (start > 0) & (segment_ids[:, 0] == cache["last_segment"])
+    begins = jnp.concatenate([~continues[:, None], segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    new = previous[:, None] + jnp.cumsum(begins.astype(jnp.int32), axis=1)
+    chunk, last = new, segment_ids[:, -1].astype(jnp.int32)
+  numbers = jax.lax.dynamic_update_slice(numbers, new.astype(jnp.int32), (0, start))
+  positions = jax.lax.dynamic_slice_in_dim(ops.segment_positions(numbers), start, t, axis=1)
+  docs = attention.Documents(ids=numbers, positions=positions, chunk=chunk, continues=continues)
+  return docs, numbers, last
 
 
 def build_model(model: ConfigDict, rngs: nnx.Rngs) -> Transformer:

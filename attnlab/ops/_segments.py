@@ -60,3 +60,22 @@ def document_index(segment_ids: jax.Array) -> jax.Array:
 def same_document(query_docs: jax.Array, key_docs: jax.Array) -> jax.Array:
   """[B, Tq], [B, Tk] document indices -> [B, Tq, Tk] bool."""
   return query_docs[:, :, None] == key_docs[:, None, :]
+
+
+def query_documents(
+  segment_ids: jax.Array, first: jax.Array, count: int
+) -> tuple[jax.Array, jax.Array]:
+  """The document numbers (`document_index`) of rows first .. first+count-1 of a
+  cache's segment_ids [B, S] (`first` may be traced), and of all S rows:
+  ([B, count], [B, S])."""
+  docs = document_index(segment_ids)
+  return jax.lax.dynamic_slice_in_dim(docs, first, count, axis=1), docs
+
+
+def visible_in_cache(
+  visible: jax.Array, segment_ids: jax.Array, first: jax.Array, count: int
+) -> jax.Array:
+  """Causal visibility [Tq, S] of queries at cache rows first .. first+Tq-1, narrowed
+  to their own documents by the cache's segment_ids [B, S]: [B, Tq, S]."""
+  query_docs, docs = query_documents(segment_ids, first, count)
+  return visible[None] & same_document(query_docs, docs)

@@ -11,6 +11,7 @@ from attnlab.models.attention import (
   softplus,  # noqa: F401
   ssa,  # noqa: F401
 )
+from attnlab.models.attention.base import Documents
 from attnlab.models.attention.registry import build, get, names
 
-__all__ = ["build", "get", "names"]
+__all__ = ["Documents", "build", "get", "names"]

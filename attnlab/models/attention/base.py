@@ -3,10 +3,13 @@
 A mixer maps [batch, time, d_model] -> [batch, time, d_model] and offers:
   * `__call__(x)`: the parallel (training) form over a whole sequence;
   * `init_cache(batch, max_len, dtype)`: an empty decoding cache/state;
-  * `step(x, cache, start)`: consume `time` new tokens at absolute positions
-    `start .. start+time-1` given the cache, returning outputs and the new
-    cache. A prompt is prefilled with one `step`; decoding is `step` with
-    time == 1. Caches are plain pytrees passed in and out explicitly.
+  * `step(x, cache, start, docs)`: consume `time` new tokens at absolute
+    positions `start .. start+time-1` given the cache, returning outputs and
+    the new cache. A prompt is prefilled with one `step`; decoding is `step`
+    with time == 1. Caches are plain pytrees passed in and out explicitly;
+    `docs` (`Documents`, kept by the trunk) says which document each cached
+    and new token belongs to, so packed prompts decode as their documents
+    would alone.
 """
 
 from __future__ import annotations
@@ -15,12 +18,52 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from ml_collections import ConfigDict
 
 from attnlab.models import layers
 
 Cache = Any
+
+
+@struct.dataclass
+class Documents:
+  """Which document each token of a decoding step belongs to (packed prompts).
+
+  The trunk numbers documents 0, 1, 2, ... along each row and keeps the
+  numbers of every cached token; a mixer's `step` uses them so that a token
+  sees only its own document, exactly as the parallel form with
+  `segment_ids` does.
+
+  Attributes:
+    ids: [batch, max_len] int32 document numbers of the cache rows, the new
+      tokens' (rows start .. start+time-1) included; later rows are unused.
+      The cached ops take them as `segment_ids`.
+    positions: [batch, time] int32 position of each new token within its
+      document (RoPE, SSA's and softplus attention's position factors).
+    chunk: [batch, time] int32 document numbers of the new tokens when the
+      step was given `segment_ids` (a document may start inside it), or None:
+      the new tokens then all continue the cached document.
+    continues: [batch] bool, the first new token continues the cached
+      document (a recurrent state carries over), or None with `chunk`.
+  """
+
+  ids: jax.Array
+  positions: jax.Array
+  chunk: jax.Array | None = None
+  continues: jax.Array | None = None
+
+  def carry(self, state: Any) -> Any:
+    """A recurrent state (any pytree; None leaves stay None) kept only for the rows
+    whose new tokens continue its document, zero for rows that start a new one."""
+    if self.continues is None:
+      return state
+
+    def keep(leaf):
+      mask = self.continues.reshape((-1,) + (1,) * (leaf.ndim - 1))
+      return jnp.where(mask, leaf, jnp.zeros_like(leaf))
+
+    return jax.tree.map(keep, state)
 
 
 class Mixer(nnx.Module):
@@ -43,7 +86,9 @@ class Mixer(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> Cache:
     raise NotImplementedError
 
-  def step(self, x: jax.Array, cache: Cache, start: jax.Array) -> tuple[jax.Array, Cache]:
+  def step(
+    self, x: jax.Array, cache: Cache, start: jax.Array, docs: Documents
+  ) -> tuple[jax.Array, Cache]:
     raise NotImplementedError
 
 

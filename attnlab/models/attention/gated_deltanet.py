@@ -197,7 +197,9 @@ class GatedDeltaNet(base.Mixer):
     state = jnp.zeros((batch, self.v_heads, self.head_k, self.head_v), jnp.float32)
     return {"state": state, "conv": self.inputs.init_conv_states(batch, dtype)}
 
-  def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+  def step(
+    self, x: jax.Array, cache: dict, start: jax.Array, docs: base.Documents
+  ) -> tuple[jax.Array, dict]:
     del start
     # A prompt goes through the chunked form; single tokens through the step op.
-    return self._mix(x, cache)
+    return self._mix(x, docs.carry(cache), docs.chunk)

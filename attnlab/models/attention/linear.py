@@ -107,6 +107,7 @@ class LinearAttention(base.Mixer):
       return (kv, jnp.zeros((batch, self.num_heads, self.head_dim), jnp.float32))
     return kv
 
-  def step(self, x: jax.Array, cache, start: jax.Array):
-    y, state = self._attend(x, start + jnp.arange(x.shape[1]), cache)
+  def step(self, x: jax.Array, cache, start: jax.Array, docs: base.Documents):
+    del start  # positions come from docs (within each document)
+    y, state = self._attend(x, docs.positions, docs.carry(cache), docs.chunk)
     return y, jax.tree.map(lambda s: s.astype(jnp.float32), state)

@@ -12,7 +12,8 @@ path uses the slightly-off-unit diagonal exp(−eps effect); decoding assumes
 `model.rope=True` (k̂ is then taken from the rotated keys, as in the release).
 The cache holds raw keys and preconditioned values; a new token's value is
 v′_t = v_t − Σ_{j<t} exp(k̂_t·k̂_j/√D − √D) v′_j, and a prompt chunk solves
-its own block after subtracting the cache's contribution.
+its own block after subtracting the cache's contribution (in packed prompts,
+within each document).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class LucidAttention(softmax.SoftmaxAttention):
     )  # fmt: skip
     return v_prime.astype(v.dtype)
 
-  def cached_values(self, k, v, cache, start):
+  def cached_values(self, k, v, cache, start, segment_ids):
     v_prime = ops.lucid_values(
       k,
       v,
@@ -54,6 +55,7 @@ class LucidAttention(softmax.SoftmaxAttention):
       context_values=cache["v"],
       context_length=start,
       block_size=self.block_size,
+      segment_ids=segment_ids,
       implementation=self.implementation,
     )
     return v_prime.astype(v.dtype)

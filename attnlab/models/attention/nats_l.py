@@ -47,6 +47,10 @@ multi-token step (prefill) runs whole blocks through the parallel ops in
 chunks of `prefill_chunk_blocks` and leaves the same cache as the token
 recurrence. `decode_attn_blocks` caps the KV slots below the worst case;
 a row that needs more sets `overflow`, on which `attnlab.generate` raises.
+In a packed prompt (`segment_ids`) every document restarts the delta state,
+the block bookkeeping and the slot count (its blocks reuse the slots); as in
+training, documents must start on block boundaries, and such a prefill runs
+one block per chunk.
 """
 
 from __future__ import annotations
@@ -283,11 +287,26 @@ class NAtSL(base.Mixer):
     logits = (input_sum / self.block_size) @ self.scorer.kernel[...]
     return jnp.argmax(logits.reshape(*logits.shape[:-1], self.heads, 2), axis=-1) == ATTENTION
 
-  def _tokens(self, carry: dict, inputs: tuple, positions: jax.Array, active: jax.Array):
+  @staticmethod
+  def _restart(carry: dict, rows: jax.Array) -> dict:
+    """The carry with a new document begun in rows [B] (bool): zero state and block
+    bookkeeping; the KV slots stay, hidden by a slot count of zero."""
+    fresh = ("state", "block_start_state", "block_log_decay", "block_input_sum", "num_attn_blocks")
+
+    def reset(leaf):
+      mask = rows.reshape((-1,) + (1,) * (leaf.ndim - 1))
+      return jnp.where(mask, jnp.zeros_like(leaf), leaf)
+
+    return {key: reset(value) if key in fresh else value for key, value in carry.items()}
+
+  def _tokens(
+    self, carry: dict, inputs: tuple, positions: jax.Array, active: jax.Array, starts: jax.Array
+  ):
     """The recurrence over inputs (the views and x, each [B, L, ...]) at positions [L].
 
     Tokens with active [L] False leave the carry alone (their outputs are
-    junk): the prefill runs its unaligned parts with static lengths.
+    junk): the prefill runs its unaligned parts with static lengths. A token
+    with starts [B, L] True begins a new document in its row.
     Returns (carry, (o_delta [B,L,H,dv], o_attn [B,L,Ha,dva])).
     """
     size, group = self.block_size, self.attn_heads // self.heads
@@ -297,7 +316,8 @@ class NAtSL(base.Mixer):
     attn_scale = self.attn_k**-0.5
 
     def one_token(carry, inputs):
-      qd, kd, vd, gd, bd, qa, ka, va, xt, pos, on = inputs
+      qd, kd, vd, gd, bd, qa, ka, va, xt, starts, pos, on = inputs
+      carry = self._restart(carry, starts & on)
       offset = pos % size
       o_delta, state = ops.gated_delta_rule_step(qd, kd, vd, gd, bd, carry["state"])
 
@@ -334,19 +354,22 @@ class NAtSL(base.Mixer):
       new = jax.tree.map(lambda n, c: jnp.where(on, n, c), new, carry)
       return new, (o_delta, o_attn)
 
-    xs = tuple(jnp.moveaxis(a, 1, 0) for a in inputs) + (positions, active)
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (*inputs, starts)) + (positions, active)
     carry, outputs = jax.lax.scan(one_token, carry, xs)
     return carry, tuple(jnp.moveaxis(a, 0, 1) for a in outputs)
 
   def _blocks(self, carry: dict, inputs: tuple, valid: jax.Array):
     """One prefill chunk of whole blocks through the parallel ops.
 
-    inputs: the views and x, each [B, C·block_size, ...], starting at a block
-    boundary; valid [C] marks the blocks that belong to the prompt (the rest
-    are padding after it and leave the carry alone). Returns (carry,
-    (o_delta, o_attn)) as the token recurrence leaves them.
+    inputs: the views, x and the document starts, each [B, C·block_size, ...],
+    starting at a block boundary; valid [C] marks the blocks that belong to
+    the prompt (the rest are padding after it and leave the carry alone). A
+    chunk of a packed prompt is one block, whose first token may begin a
+    document. Returns (carry, (o_delta, o_attn)) as the token recurrence
+    leaves them.
     """
-    qd, kd, vd, gd, bd, qa, ka, va, x = inputs
+    qd, kd, vd, gd, bd, qa, ka, va, x, starts = inputs
+    carry = self._restart(carry, starts[:, 0] & valid[0])
     b, t, _ = x.shape
     size, group = self.block_size, self.attn_heads // self.heads
     chunk = t // size
@@ -393,26 +416,38 @@ class NAtSL(base.Mixer):
       "overflow": carry["overflow"] | full,
     }, (o_delta, o_attn)
 
-  def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+  def step(
+    self, x: jax.Array, cache: dict, start: jax.Array, docs: base.Documents
+  ) -> tuple[jax.Array, dict]:
     """x [B, t, d_model] after `start` earlier tokens -> ([B, t, d_model], new cache).
 
     Fewer tokens than a block (decoding) run the token recurrence. A longer x
     (a prefill) runs it up to the next block boundary, then whole blocks in
-    chunks of prefill_chunk_blocks through the parallel ops, then the
-    remaining tokens one by one. `start` is traced, so each part has a static
-    length (the longest it can be) and masks the tokens it does not own.
+    chunks of prefill_chunk_blocks (one block in a packed prompt) through the
+    parallel ops, then the remaining tokens one by one. `start` is traced, so
+    each part has a static length (the longest it can be) and masks the
+    tokens it does not own.
     """
-    delta, attn, merge, conv = self.views(x, cache["conv"])
-    carry = {key: value for key, value in cache.items() if key != "conv"}
-    inputs = (*delta, *attn, x)
     b, t, _ = x.shape
+    delta, attn, merge, conv = self.views(x, docs.carry(cache["conv"]), docs.chunk)
+    carry = {key: value for key, value in cache.items() if key != "conv"}
+    if docs.chunk is None:
+      starts = jnp.zeros((b, t), bool)
+    else:  # the tokens that begin a document
+      changed = docs.chunk[:, 1:] != docs.chunk[:, :-1]
+      starts = jnp.concatenate([~docs.continues[:, None], changed], axis=1)
+    inputs = (*delta, *attn, x, starts)
     size = self.block_size
     if t < size:
       positions = start + jnp.arange(t)
-      carry, (o_delta, o_attn) = self._tokens(carry, inputs, positions, jnp.ones(t, bool))
+      carry, (o_delta, o_attn) = self._tokens(
+        carry, inputs[:-1], positions, jnp.ones(t, bool), starts
+      )
       return self.output(x, o_delta, o_attn, merge), {**carry, "conv": conv}
 
     chunk = min(self.prefill_chunk_blocks or max(1, 1024 // size), t // size)
+    if docs.chunk is not None:
+      chunk = 1  # a document may begin at any block: restart the carry between blocks
     num_chunks = -(-(t // size) // chunk)
     body = num_chunks * chunk * size
     length = body + 2 * size  # holds every part at any offset, so no slice is clamped
@@ -423,7 +458,10 @@ class NAtSL(base.Mixer):
     head = (-start) % size  # tokens before the next block boundary
     whole = (t - head) // size  # whole blocks after them
     tail = head + whole * size
-    carry, head_out = self._tokens(carry, take(0, size - 1), start + span, span < head)
+    tokens = lambda carry, part, positions, active: self._tokens(
+      carry, part[:-1], positions, active, part[-1]
+    )
+    carry, head_out = tokens(carry, take(0, size - 1), start + span, span < head)
 
     def one_chunk(carry, index):
       begin = head + index * chunk * size
@@ -434,9 +472,7 @@ class NAtSL(base.Mixer):
     body_out = tuple(
       jnp.moveaxis(a, 0, 1).reshape(b, body, *a.shape[3:]) for a in body_out
     )  # [chunks, B, chunk·block, ...] -> [B, body, ...]
-    carry, tail_out = self._tokens(
-      carry, take(tail, size - 1), start + tail + span, span < t - tail
-    )
+    carry, tail_out = tokens(carry, take(tail, size - 1), start + tail + span, span < t - tail)
 
     # Each part's outputs over the previous part's junk, in sequence order.
     outputs = []

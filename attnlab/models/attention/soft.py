@@ -153,6 +153,8 @@ class SoftAttention(base.Mixer):
     conv = None if self.v_conv is None else self.v_conv.init_state(batch, dtype)
     return {"state": state, "conv": conv}
 
-  def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+  def step(
+    self, x: jax.Array, cache: dict, start: jax.Array, docs: base.Documents
+  ) -> tuple[jax.Array, dict]:
     del start  # position enters only through the conv state
-    return self._mix(x, cache)
+    return self._mix(x, docs.carry(cache), docs.chunk)

@@ -88,9 +88,12 @@ class SoftmaxAttention(base.Mixer):
     del k, segment_ids
     return v
 
-  def cached_values(self, k: jax.Array, v: jax.Array, cache: dict, start: jax.Array) -> jax.Array:
-    """`values` for new tokens after `start` cached ones."""
-    del cache, start
+  def cached_values(
+    self, k: jax.Array, v: jax.Array, cache: dict, start: jax.Array, segment_ids: jax.Array
+  ) -> jax.Array:
+    """`values` for new tokens after `start` cached ones; segment_ids [B, max_len]
+    name the documents of the cache rows, the new tokens' included."""
+    del cache, start, segment_ids
     return self.values(k, v)
 
   def attend(
@@ -103,10 +106,15 @@ class SoftmaxAttention(base.Mixer):
       implementation=self.implementation,
     )  # fmt: skip
 
-  def attend_cached(self, q, k_cache, v_cache, length, logit_scale=None) -> jax.Array:
+  def attend_cached(
+    self, q, k_cache, v_cache, length, logit_scale=None, segment_ids=None
+  ) -> jax.Array:
+    """q [B,t,H,hd] after length − t cached tokens, over the cache [B,max_len,Hkv,hd];
+    segment_ids [B, max_len] name the cache rows' documents."""
     return ops.softmax_attention_cached(
-      q, k_cache, v_cache, length, logit_scale=logit_scale, implementation=self.implementation
-    )
+      q, k_cache, v_cache, length, logit_scale=logit_scale, segment_ids=segment_ids,
+      implementation=self.implementation,
+    )  # fmt: skip
 
   def output(self, o: jax.Array) -> jax.Array:
     """Attention output o [B, T, H, hd] -> [B, T, d_model] (output projection)."""
@@ -130,12 +138,14 @@ class SoftmaxAttention(base.Mixer):
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-  def step(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+  def step(
+    self, x: jax.Array, cache: dict, start: jax.Array, docs: base.Documents
+  ) -> tuple[jax.Array, dict]:
     t = x.shape[1]
-    q, k, v, logit_scale = self.project(x, start + jnp.arange(t))
-    v = self.cached_values(k, v, cache, start)
+    q, k, v, logit_scale = self.project(x, docs.positions)
+    v = self.cached_values(k, v, cache, start, docs.ids)
     index = (0, start, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), index)
     v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), index)
-    o = self.attend_cached(q, k_cache, v_cache, start + t, logit_scale)
+    o = self.attend_cached(q, k_cache, v_cache, start + t, logit_scale, docs.ids)
     return self.output(o), {"k": k_cache, "v": v_cache}

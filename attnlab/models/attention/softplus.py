@@ -51,8 +51,9 @@ class SoftplusAttention(softmax.SoftmaxAttention):
       q, k, v, power=self.power, segment_ids=segment_ids, implementation=self.implementation
     )
 
-  def attend_cached(self, q, k_cache, v_cache, length, logit_scale=None):
+  def attend_cached(self, q, k_cache, v_cache, length, logit_scale=None, segment_ids=None):
     del logit_scale
     return ops.softplus_attention_cached(
-      q, k_cache, v_cache, length, power=self.power, implementation=self.implementation
-    )
+      q, k_cache, v_cache, length, power=self.power, segment_ids=segment_ids,
+      implementation=self.implementation,
+    )  # fmt: skip

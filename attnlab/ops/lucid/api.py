@@ -70,7 +70,10 @@ def lucid_values(
       no entries between documents, so the solve restarts at each one (any
       layout: documents may start inside a block; trailing padding of its
       own id is a document like any other). Every path takes them; the
-      kernels skip the blocks that share no document. Not with a context.
+      kernels skip the blocks that share no document. With a context they
+      are [batch, cache_len]: the cache rows' ids, the new tokens' at rows
+      context_length .. context_length+time-1 (as the KV cache holds them;
+      the 'xla' and 'reference' paths).
     implementation: None ('pallas_tpu' when compiling for TPU and the
       sequence fits in VMEM, 'pallas_gpu' when compiling for a GPU and
       head_dim is a power of two >= 16, else 'xla'), 'xla' (blocked solve, custom VJP),
@@ -91,11 +94,14 @@ def lucid_values(
     raise ValueError("context_keys and context_values go together")
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
-  _segments.check(segment_ids, k.shape[:2], "lucid_values")
-  if segment_ids is not None and context_keys is not None:
-    raise ValueError("lucid_values: segment_ids and a context do not go together")
+  if context_keys is None:
+    _segments.check(segment_ids, k.shape[:2], "lucid_values")
+  else:
+    _segments.check(segment_ids, (k.shape[0], context_keys.shape[1]), "lucid_values (context)")
   implementation = SOFTMAX_ONLY.get(implementation, implementation)
   impl = _VALUES.choose(implementation, k, v)
+  if context_keys is not None and segment_ids is not None and impl in _KERNELS:
+    impl = "xla"  # a prefill chunk of a packed prompt: the kernels solve full sequences
   dtype = _dtypes.compute_dtype(k, v)
   cast = lambda a: None if a is None else jnp.asarray(a, dtype)
   if impl in _KERNELS:  # one kernel call per batch shard under a mesh

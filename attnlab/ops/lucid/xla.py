@@ -118,22 +118,28 @@ def preconditioned_values(
   k, v, *, eps, block_size, context_keys, context_values, context_length, segment_ids=None
 ):
   """[B,T,H,D] keys and values -> V′ [B,T,H,Dv]; optional context of earlier
-  tokens, or packed documents (`segment_ids` [B, T]; not both)."""
+  tokens, and packed documents (`segment_ids` [B, T], or the cache rows'
+  [B, cache_len] with a context)."""
   t = k.shape[1]
   block = max(1, min(block_size, t))
   pad = -t % block
   k_hat = normalize_keys(jnp.moveaxis(k, 2, 1), eps)  # [B,H,T,D]
   rhs = jnp.moveaxis(v, 2, 1)
+  docs = None if segment_ids is None else _segments.document_index(segment_ids)
   if context_keys is not None:
     c_hat = normalize_keys(jnp.moveaxis(context_keys, 2, 1), eps)
     valid = jnp.arange(c_hat.shape[2]) < context_length
+    if docs is not None:  # a new token reaches back only into its own document
+      new_docs, context_docs = _segments.query_documents(segment_ids, context_length, t)
+      valid = valid & _segments.same_document(new_docs, context_docs)[:, None]
+      docs = new_docs
     weights = jnp.where(valid, kernel(k_hat, c_hat), 0.0)
     rhs = rhs - weights @ jnp.moveaxis(context_values, 2, 1)
   # Trailing padding cannot reach earlier rows of a lower-triangular system.
   k_hat, rhs = (jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))) for a in (k_hat, rhs))
-  if segment_ids is None:
+  if docs is None:
     docs = jnp.zeros((k.shape[0], t + pad), jnp.int32)
   else:  # padded tokens join the last document: they come after it
-    docs = jnp.pad(_segments.document_index(segment_ids), ((0, 0), (0, pad)), mode="edge")
+    docs = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge")
   v_prime = solve(k_hat, rhs, docs, block)[:, :, :t]
   return jnp.moveaxis(v_prime, 1, 2)

@@ -123,6 +123,7 @@ def softmax_attention_cached(
   *,
   scale: float | None = None,
   logit_scale: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
 ) -> jax.Array:
   """New queries against a KV cache (prefill chunks and decoding).
@@ -136,14 +137,19 @@ def softmax_attention_cached(
     k_cache: [batch, max_time, kv_heads, head_dim]
     v_cache: [batch, max_time, kv_heads, head_dim_v]
     cache_length: scalar int, the number of valid cache rows.
+    segment_ids: optional [batch, max_time] int document ids of the cache
+      rows, the queries' own rows included (packed prompts): a query sees
+      only the keys of its own document.
 
   Returns:
     [batch, q_time, heads, head_dim_v] in q.dtype. The kernel implementations
     run 'xla' here.
   """
   _check(q, k_cache, v_cache, logit_scale)
+  _segments.check(segment_ids, k_cache.shape[:2], "softmax_attention_cached")
   _DISPATCH.choose(implementation)  # validates the name
   impl = "reference" if implementation == "reference" else "xla"
   return _DISPATCH.module(impl).softmax_attention_cached(
-    q, k_cache, v_cache, cache_length, scale=scale, logit_scale=logit_scale
-  )
+    q, k_cache, v_cache, cache_length, scale=scale, logit_scale=logit_scale,
+    segment_ids=segment_ids,
+  )  # fmt: skip

@@ -53,6 +53,7 @@ def softmax_attention_cached(
   *,
   scale: float | None = None,
   logit_scale: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """See `attnlab.ops.softmax_attention_cached`."""
   dtype = _dtypes.compute_dtype(q, k, v)
@@ -60,6 +61,8 @@ def softmax_attention_cached(
   qg, kg, vg = _grouped(q, k, v, _dtypes.default_scale(q.shape[-1], scale), logit_scale, dtype)
   q_pos = cache_length - tq + jnp.arange(tq)
   visible = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]  # [Tq, S]
+  if segment_ids is not None:
+    visible = _segments.visible_in_cache(visible, segment_ids, cache_length - tq, tq)[:, None, None]
   return _ungrouped(_attend(qg, kg, vg, visible), q.dtype)
 
 

@@ -97,13 +97,19 @@ def softplus_attention_cached(
   cache_length: jax.Array | int,
   *,
   power: float | None = None,
+  segment_ids: jax.Array | None = None,
   implementation: str | None = None,
 ) -> jax.Array:
   """New queries against a KV cache: q [B, Tq, H, D] sits at absolute
-  positions cache_length − Tq … cache_length − 1, so log i stays correct."""
+  positions cache_length − Tq … cache_length − 1, so log i stays correct.
+
+  segment_ids: optional [batch, max_time] int document ids of the cache rows,
+  the queries' own rows included (packed prompts): a query sees only its own
+  document, and i is its position within it."""
+  _segments.check(segment_ids, k_cache.shape[:2], "softplus_attention_cached")
   tq = q.shape[1]
   positions = cache_length - tq + jnp.arange(tq)
   return _run(
     q, k_cache, v_cache, power, positions, cache_length, implementation,
-    "softplus_attention_cached",
+    "softplus_attention_cached", segment_ids,
   )  # fmt: skip

@@ -72,14 +72,17 @@ def softplus_attention(q, k, v, *, power, query_positions, key_length, segment_i
   0..key_length−1 are valid. A static `key_length` equal to Tq = Tk is thus
   the full causal op (queries at 0..T−1), which runs in query chunks; only it
   takes `segment_ids` [B, T] (packed documents: the row index i restarts at
-  each document, and documents do not see each other).
+  each document, and documents do not see each other); against a cache,
+  `segment_ids` [B, Tk] name the cache rows' documents.
   """
   tq, tk, d = q.shape[1], k.shape[1], q.shape[-1]
+  first = query_positions[0]
   if segment_ids is None:
     rows = (query_positions + 1).astype(q.dtype)[:, None]  # [Tq, 1]
     docs = None
   else:  # per-row positions within the document: [B, 1, Tq, 1]
-    rows = (_segments.positions(segment_ids) + 1).astype(q.dtype)[:, None, :, None]
+    within = jax.lax.dynamic_slice_in_dim(_segments.positions(segment_ids), first, tq, axis=1)
+    rows = (within + 1).astype(q.dtype)[:, None, :, None]
     docs = _segments.document_index(segment_ids)
   qs = jnp.swapaxes(_normalize(q), 1, 2) * (math.log(d) * jnp.log(rows))
   k_hat, vh = jnp.swapaxes(_normalize(k), 1, 2), jnp.swapaxes(v, 1, 2)
@@ -95,8 +98,8 @@ def softplus_attention(q, k, v, *, power, query_positions, key_length, segment_i
                 rows[..., start:end, :], power)
       )  # fmt: skip
     return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
-  if segment_ids is not None:
-    raise ValueError("segment_ids apply to the full causal op only (queries = keys)")
   key_pos = jnp.arange(tk)
   visible = (key_pos[None, :] <= query_positions[:, None]) & (key_pos[None, :] < key_length)
+  if segment_ids is not None:
+    visible = _segments.visible_in_cache(visible, segment_ids, first, tq)[:, None]
   return jnp.swapaxes(_attend(qs, k_hat, vh, visible, rows, power), 1, 2)
