@@ -108,6 +108,20 @@ def forward(model, *args):
   return _jitted_call()(model, *args)
 
 
+def assert_same_values_and_grads(got, want, arrays, cot, *, tol: float = 1e-10):
+  """got(*arrays) == want(*arrays) in values and in the gradients of ⟨f(*arrays), cot⟩
+  with respect to every array (each function compiled once)."""
+  argnums = tuple(range(len(arrays)))
+  run = lambda f: jax.jit(  # noqa: E731
+    jax.value_and_grad(lambda *a: (jax.numpy.sum(f(*a) * cot), f(*a)), argnums, has_aux=True)
+  )
+  (_, out_got), grads_got = run(got)(*arrays)
+  (_, out_want), grads_want = run(want)(*arrays)
+  np.testing.assert_allclose(out_got, out_want, atol=tol, rtol=tol)
+  for i, (a, b) in enumerate(zip(grads_got, grads_want)):
+    np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=f"gradient {i}")
+
+
 def checkpoint_entries(workdir) -> list[str]:
   """The sorted entries of <workdir>/checkpoints, less the run's hidden marker file."""
   return sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n[0] != ".")

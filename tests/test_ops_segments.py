@@ -19,6 +19,8 @@ import pytest
 from attnlab import ops
 from attnlab.ops import _segments
 
+from .conftest import assert_same_values_and_grads
+
 # Rows of documents (lengths), T = 24: uneven documents, one whole-row document,
 # and a row ending in padding (id 0, its own document).
 ROWS = ((7, 13, 4), (24,), (10, 9, 5))
@@ -300,12 +302,4 @@ def test_cached_ops_with_segments_equal_the_full_packed_op(x64, impl, op):
         q[:, start:], pad(k), pad(v), t, power=power, segment_ids=cache_seg,
         implementation=impl,
       )  # fmt: skip
-  argnums = tuple(range(len(arrays)))
-  run = lambda f: jax.jit(
-    jax.value_and_grad(lambda *a: (jnp.sum(f(*a) * cot), f(*a)), argnums, has_aux=True)
-  )
-  (_, out_c), grads_c = run(cached)(*arrays)
-  (_, out_f), grads_f = run(full)(*arrays)
-  np.testing.assert_allclose(out_c, out_f, atol=1e-10, rtol=1e-10)
-  for i, (gc, gf) in enumerate(zip(grads_c, grads_f)):
-    np.testing.assert_allclose(gc, gf, atol=1e-10, rtol=1e-10, err_msg=f"gradient {i}")
+  assert_same_values_and_grads(cached, full, arrays, cot)

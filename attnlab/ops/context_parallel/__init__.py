@@ -1,0 +1,10 @@
+"""Context parallelism: ops whose sequence is split over a mesh axis (call inside shard_map).
+
+Each function takes this shard's tokens and the mesh axis name and returns this
+shard's rows of the unsplit op's output, exchanging only what the op's math
+needs across the axis.
+"""
+
+from attnlab.ops.context_parallel.chunk_state import gated_delta_rule, linear_attention
+
+__all__ = ["gated_delta_rule", "linear_attention"]
