@@ -82,3 +82,55 @@ def test_linear_attention_split_over_the_context_axis(x64, normalize, packed):
     )
     split = lambda *a: _split(local, 4, 4)(*a, seg)
   assert_same_values_and_grads(split, whole, (q, k, v), cot)
+
+
+@pytest.mark.parametrize("packed", [None, "packed"])
+@pytest.mark.parametrize("op", ["softmax", "ssa", "lssa", "lssar15", "lucid"])
+def test_softmax_family_split_over_the_context_axis(x64, op, packed):
+  rng = np.random.default_rng(2)
+  f = lambda *s: jnp.asarray(rng.normal(size=s))
+  q, k, v = f(B, T, 2 * H, K), f(B, T, H, K), f(B, T, H, V)  # GQA: 2 query heads per kv head
+  cot = f(B, T, 2 * H, V)
+  seg = _segments(packed) if packed else jnp.zeros((B, T), jnp.int32)
+  ids = None if packed is None else seg
+  if op in ("softmax", "ssa"):
+    ls = jnp.asarray(rng.uniform(0.5, 2.0, (B, T, 2 * H))) if op == "ssa" else None
+    args = {} if ls is None else {"logit_scale": ls}
+    whole = lambda q, k, v: ops.softmax_attention(q, k, v, segment_ids=ids, **args)
+    local = lambda q, k, v, s, *ls: context_parallel.softmax_attention(
+      q, k, v, axis_name="context", segment_ids=None if packed is None else s,
+      logit_scale=ls[0] if ls else None,
+    )  # fmt: skip
+    extra = () if ls is None else (ls,)
+  elif op == "lucid":
+    whole = lambda q, k, v: ops.lucid_attention(q, k, v, block_size=4, segment_ids=ids)
+    local = lambda q, k, v, s: context_parallel.lucid_attention(
+      q, k, v, axis_name="context", block_size=4, segment_ids=None if packed is None else s
+    )
+    extra = ()
+  else:
+    power = 15.0 if op == "lssar15" else None
+    whole = lambda q, k, v: ops.softplus_attention(q, k, v, power=power, segment_ids=ids)
+    local = lambda q, k, v, s: context_parallel.softplus_attention(
+      q, k, v, axis_name="context", power=power, segment_ids=None if packed is None else s
+    )
+    extra = ()
+  split = lambda q, k, v: _split(local, 4, 4 + len(extra))(q, k, v, seg, *extra)
+  assert_same_values_and_grads(split, whole, (q, k, v), cot)
+
+
+@pytest.mark.parametrize("packed", [None, "packed"])
+def test_soft_attention_split_over_the_context_axis(x64, packed):
+  rng = np.random.default_rng(3)
+  f = lambda *s: jnp.asarray(rng.normal(size=s))
+  q, v, cot = f(B, T, H, K), f(B, T, H, V), f(B, T, H, V)
+  landmarks = f(H, 6, K)
+  seg = _segments(packed) if packed else jnp.zeros((B, T), jnp.int32)
+  ids = None if packed is None else seg
+  opts = dict(chunk_size=4, newton_iters=8, implementation="xla")
+  whole = lambda q, v: ops.soft_attention(q, v, landmarks, segment_ids=ids, **opts)[0]
+  local = lambda q, v, s: context_parallel.soft_attention(
+    q, v, landmarks, axis_name="context", segment_ids=None if packed is None else s, **opts
+  )
+  split = lambda q, v: _split(local, 4, 3)(q, v, seg)
+  assert_same_values_and_grads(split, whole, (q, v), cot)

@@ -5,6 +5,22 @@ shard's rows of the unsplit op's output, exchanging only what the op's math
 needs across the axis.
 """
 
-from attnlab.ops.context_parallel.chunk_state import gated_delta_rule, linear_attention
+from attnlab.ops.context_parallel.chunk_state import (
+  gated_delta_rule,
+  linear_attention,
+  soft_attention,
+)
+from attnlab.ops.context_parallel.softmax_family import (
+  lucid_attention,
+  softmax_attention,
+  softplus_attention,
+)
 
-__all__ = ["gated_delta_rule", "linear_attention"]
+__all__ = [
+  "gated_delta_rule",
+  "linear_attention",
+  "lucid_attention",
+  "soft_attention",
+  "softmax_attention",
+  "softplus_attention",
+]

@@ -8,7 +8,7 @@ state recurrence of the gated delta rule,
 
 is affine in the state, so a shard's whole effect is one map
 S_out = M_j S_in + B_j with M_j [K, K] and B_j [K, V] per head, whatever the
-shard's length (linear attention: M_j = I). Each shard
+shard's length (linear attention and SOFT: M_j = I). Each shard
 
 1. runs its tokens from a zero state: B_j, the final state;
 2. runs them again with v = 0 from the identity: M_j (state [K, K]);
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from attnlab.ops.gated_delta import api as gated_delta
 from attnlab.ops.linear import api as linear
+from attnlab.ops.soft import api as soft
 
 
 def _continues(segment_ids: jax.Array | None, axis_name: str, batch: int) -> jax.Array:
@@ -124,19 +125,47 @@ def linear_attention(
     q, k, v, normalize=normalize, scale=scale, initial_state=state, output_final_state=True,
     chunk_size=chunk_size, segment_ids=segment_ids, implementation=implementation,
   )  # fmt: skip
-  b, _, h, dk = k.shape
   _, final = run(None)
   kv, k_sum = final if normalize else (final, None)
+  # The key sum is one more value column of the same identity-or-zero map.
+  packed = kv if k_sum is None else jnp.concatenate([kv, k_sum[..., None]], axis=-1)
+  state = _passed_through(packed, segment_ids, axis_name)
+  if normalize:
+    state = (state[..., :-1], state[..., -1])
+  return run(state)[0]
+
+
+def soft_attention(
+  q: jax.Array,
+  v: jax.Array,
+  landmarks: jax.Array,
+  *,
+  axis_name: str,
+  segment_ids: jax.Array | None = None,
+  **options,
+) -> jax.Array:
+  """`ops.soft_attention` (causal) on this shard's tokens of a sequence split over
+  `axis_name`: its state [B, H, m, dv (+1)] over the m landmarks passes unchanged
+  through a shard, like linear attention's. `options` as `ops.soft_attention`'s.
+  Returns o [B, t, H, dv], this shard's rows of the unsplit op's output."""
+  run = lambda state: soft.soft_attention(  # noqa: E731
+    q, v, landmarks, initial_state=state, output_final_state=True, segment_ids=segment_ids,
+    **options,
+  )  # fmt: skip
+  _, final = run(None)
+  return run(_passed_through(final, segment_ids, axis_name))[0]
+
+
+def _passed_through(final: jax.Array, segment_ids: jax.Array | None, axis_name: str) -> jax.Array:
+  """The incoming state [B, H, N, V] of a state that no token changes but by adding
+  (M_j = I; 0 where a document starts inside shard j), from this shard's final
+  state from zero."""
+  b, h, n, _ = final.shape
   if segment_ids is None:
     inside = jnp.zeros((b,), bool)
   else:  # a document starts inside the shard: nothing before it reaches the end
     inside = jnp.any(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1)
-  keep = jnp.where(inside, 0.0, 1.0).astype(kv.dtype)[:, None, None, None]
-  transition = keep * jnp.broadcast_to(jnp.eye(dk, dtype=kv.dtype), (b, h, dk, dk))
-  # The key sum is one more value column of the same identity-or-zero map.
-  packed = kv if k_sum is None else jnp.concatenate([kv, k_sum[..., None]], axis=-1)
+  keep = jnp.where(inside, 0.0, 1.0).astype(final.dtype)[:, None, None, None]
+  transition = keep * jnp.broadcast_to(jnp.eye(n, dtype=final.dtype), (b, h, n, n))
   continues = _continues(segment_ids, axis_name, b)
-  state = _incoming_state(transition, packed, continues, axis_name)
-  if normalize:
-    state = (state[..., :-1], state[..., -1])
-  return run(state)[0]
+  return _incoming_state(transition, final, continues, axis_name)
