@@ -134,3 +134,27 @@ def test_soft_attention_split_over_the_context_axis(x64, packed):
   )
   split = lambda q, v: _split(local, 4, 3)(q, v, seg)
   assert_same_values_and_grads(split, whole, (q, v), cot)
+
+
+@pytest.mark.parametrize("packed", [None, "packed"])
+def test_nats_l_delta_path_split_over_the_context_axis(x64, packed):
+  """NAtS-L's block-written delta rule: 4 shards of 8 tokens, blocks of 4, mixed types."""
+  rng = np.random.default_rng(4)
+  f = lambda *s: jnp.asarray(rng.normal(size=s))
+  q, k = (f(B, T, H, K) / np.sqrt(K) for _ in range(2))
+  v, cot = f(B, T, H, V), f(B, T, H, V)
+  g = -jnp.abs(f(B, T, H)) * 0.2
+  beta = jax.nn.sigmoid(f(B, T, H))
+  write = jnp.asarray(rng.integers(0, 2, (B, T // 4, H)), jnp.float64)
+  # NAtS-L's documents start on block boundaries: 0, 8, 20, 28 in row 0; 0, 24 in row 1.
+  seg = jnp.asarray(np.stack([np.repeat([1, 2, 3, 4], [8, 12, 8, 4]), np.repeat([1, 0], [24, 8])]))
+  ids = seg if packed else None
+  opts = dict(block_size=4, implementation="xla")
+  whole = lambda q, k, v, g, beta, w: ops.block_gated_delta_rule(
+    q, k, v, g, beta, w, segment_ids=ids, **opts
+  )
+  local = lambda q, k, v, g, beta, w, s: context_parallel.block_gated_delta_rule(
+    q, k, v, g, beta, w, axis_name="context", segment_ids=s if packed else None, **opts
+  )
+  split = lambda *a: _split(local, 4, 7)(*a, seg)
+  assert_same_values_and_grads(split, whole, (q, k, v, g, beta, write), cot)

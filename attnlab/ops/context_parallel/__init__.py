@@ -6,6 +6,7 @@ needs across the axis.
 """
 
 from attnlab.ops.context_parallel.chunk_state import (
+  block_gated_delta_rule,
   gated_delta_rule,
   linear_attention,
   soft_attention,
@@ -17,6 +18,7 @@ from attnlab.ops.context_parallel.softmax_family import (
 )
 
 __all__ = [
+  "block_gated_delta_rule",
   "gated_delta_rule",
   "linear_attention",
   "lucid_attention",

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from attnlab.ops.gated_delta import api as gated_delta
 from attnlab.ops.linear import api as linear
+from attnlab.ops.nats_l import api as nats_l
 from attnlab.ops.soft import api as soft
 
 
@@ -93,11 +94,44 @@ def gated_delta_rule(
     q, k, v, g, beta, scale=scale, initial_state=state, output_final_state=True,
     chunk_size=chunk_size, segment_ids=segment_ids, implementation=implementation,
   )  # fmt: skip
+  return _through_affine_map(run, v, k.shape[-1], segment_ids, axis_name)
+
+
+def block_gated_delta_rule(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  g: jax.Array,
+  beta: jax.Array,
+  block_write: jax.Array,
+  *,
+  axis_name: str,
+  block_size: int = 64,
+  scale: float | None = None,
+  segment_ids: jax.Array | None = None,
+  implementation: str | None = None,
+) -> jax.Array:
+  """`ops.block_gated_delta_rule` (NAtS-L's delta path) on this shard's tokens of a
+  sequence split over `axis_name`; each shard holds whole blocks (block_write
+  [B, t / block_size, H] its own). Returns o [B, t, H, V]."""
+  if q.shape[1] % block_size:
+    raise ValueError(
+      f"block_gated_delta_rule: a shard's {q.shape[1]} tokens must be whole blocks of {block_size}"
+    )
+  run = lambda v, state: nats_l.block_gated_delta_rule(  # noqa: E731
+    q, k, v, g, beta, block_write, block_size=block_size, scale=scale, initial_state=state,
+    return_final_state=True, segment_ids=segment_ids, implementation=implementation,
+  )  # fmt: skip
+  return _through_affine_map(run, v, k.shape[-1], segment_ids, axis_name)
+
+
+def _through_affine_map(run, v, key_dim, segment_ids, axis_name):
+  """Steps 1-4 of the module docstring for a delta-rule op `run(v, initial_state)`
+  -> (o, final state): v [B, t, HV, V], states [B, HV, key_dim, V]."""
   b, _, hv, _ = v.shape
-  dk = k.shape[-1]
   _, final = run(v, None)
-  eye = jnp.broadcast_to(jnp.eye(dk, dtype=final.dtype), (b, hv, dk, dk))
-  _, transition = run(jnp.zeros((*v.shape[:3], dk), v.dtype), eye)
+  eye = jnp.broadcast_to(jnp.eye(key_dim, dtype=final.dtype), (b, hv, key_dim, key_dim))
+  _, transition = run(jnp.zeros((*v.shape[:3], key_dim), v.dtype), eye)
   continues = _continues(segment_ids, axis_name, b)
   state = _incoming_state(transition, final, continues, axis_name)
   return run(v, state)[0]
