@@ -36,8 +36,7 @@ def _split(fn, shards, num_inputs):
   )
 
 
-@pytest.mark.parametrize("shards", [2, 4])
-@pytest.mark.parametrize("packed", [None, "packed"])
+@pytest.mark.parametrize("shards,packed", [(2, None), (4, None), (4, "packed")])
 def test_gated_delta_rule_split_over_the_context_axis(x64, shards, packed):
   rng = np.random.default_rng(0)
   f = lambda *s: jnp.asarray(rng.normal(size=s))
